@@ -1,0 +1,85 @@
+"""The arguments of one convolution and one batch norm, as the block operators see
+them, with the little per-channel math of batch norm (done on [C] vectors, in the
+accumulation dtype) in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .primitives import acc_dtype
+
+
+@dataclass(frozen=True)
+class ConvArgs:
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+
+    @property
+    def args(self) -> tuple:
+        """The trailing arguments of aten.convolution / aten.convolution_backward."""
+        return (list(self.stride), list(self.padding), list(self.dilation), False, [0, 0],
+                self.groups)
+
+
+@dataclass(frozen=True)
+class BNArgs:
+    gamma: Optional[Tensor]
+    beta: Optional[Tensor]
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    use_batch_stats: bool
+    eps: float
+
+    @classmethod
+    def of(cls, gamma, beta, running_mean, running_var, training: bool, eps: float) -> "BNArgs":
+        # as torch.nn.BatchNorm: batch statistics in training, or when none are tracked
+        return cls(gamma, beta, running_mean, running_var,
+                   bool(training) or running_mean is None, float(eps))
+
+    def invstd(self, var: Tensor) -> Tensor:
+        return torch.rsqrt(var + self.eps)
+
+    def scale_shift(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """y = x*scale + shift == gamma*(x - mean)*invstd + beta."""
+        scale = self.invstd(var)
+        if self.gamma is not None:
+            scale = scale * self.gamma.to(scale.dtype)
+        shift = -mean * scale
+        if self.beta is not None:
+            shift = shift + self.beta.to(scale.dtype)
+        return scale, shift
+
+    def grad_coefficients(self, x: Tensor, var: Tensor, sum_g: Tensor, sum_g_xmu: Tensor):
+        """Per-channel a, b, d of grad_x = a*g + b*(x - mean) + d, and d gamma, d beta.
+
+        With batch statistics (n values per channel):
+            grad_x = gamma*invstd * (g - sum_g/n - (x - mean)*invstd^2*sum_g_xmu/n)
+        with running statistics the mean and variance are constants: grad_x = gamma*invstd*g.
+        """
+        invstd = self.invstd(var)
+        k = invstd * self.gamma.to(invstd.dtype) if self.gamma is not None else invstd
+        if self.use_batch_stats:
+            n = x.numel() // x.shape[1]
+            b = -k * invstd * invstd * sum_g_xmu / n
+            d = -k * sum_g / n
+        else:
+            b = torch.zeros_like(k)
+            d = torch.zeros_like(k)
+        grad_gamma = (sum_g_xmu * invstd).to(self.gamma.dtype) if self.gamma is not None else None
+        grad_beta = sum_g.to(self.beta.dtype) if self.beta is not None else None
+        return k, b, d, grad_gamma, grad_beta
+
+
+def check_batch_size(shape: list, bn: BNArgs) -> None:
+    """The error eager batch norm gives for one value per channel in training."""
+    values = 1
+    for i, s in enumerate(shape):
+        values *= s if i != 1 else 1
+    if bn.use_batch_stats and values <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {list(shape)}")
