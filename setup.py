@@ -14,6 +14,23 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _find_cuda_home():
+    """torch guesses CUDA_HOME from `which nvcc` without resolving links, which gives
+    /usr/local for /usr/local/bin/nvcc -> /usr/local/cuda/bin/nvcc: resolve it here,
+    before torch.utils.cpp_extension reads the variable at import."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    for candidate in ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) \
+            + ["/usr/local/cuda"]:
+        if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = candidate
+            return
+
+
+_find_cuda_home()
+
+
 def _want_cuda():
     flag = os.environ.get("FUSED_RESNET_CUDA", "auto").strip().lower()
     if flag in ("0", "false", "no", "off"):
@@ -43,8 +60,8 @@ def _extensions():
     from torch.utils import cpp_extension
 
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
-    define_macros = []
+    cxx_flags = ["-O3", "-fopenmp"]  # no -std: torch picks the standard its headers need
+    define_macros = [("FUSED_RESNET_PYTHON_MODULE", None)]
     if not _want_cuda():
         return [cpp_extension.CppExtension(
             "fused_resnet._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
@@ -58,7 +75,7 @@ def _extensions():
         "fused_resnet._C", cpp_sources + cuda_sources,
         include_dirs=_cuda_header_dirs(),
         extra_compile_args={"cxx": cxx_flags,
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+                            "nvcc": ["-O3", "--use_fast_math",
                                      "-lineinfo", "--expt-relaxed-constexpr"]},
         extra_link_args=["-fopenmp"], define_macros=define_macros)]
 

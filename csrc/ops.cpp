@@ -38,3 +38,14 @@ TORCH_LIBRARY(fused_resnet, m) {
         "Tensor b, Tensor d, Tensor? x2, Tensor? mean2, Tensor? a2, Tensor? b2, Tensor? d2, "
         "bool grad_residual) -> (Tensor grad_x, Tensor grad_shortcut)");
 }
+
+#ifdef FUSED_RESNET_PYTHON_MODULE
+// `import fused_resnet._C` loads this library (running the registrations above); the
+// module itself is empty. Only setup.py's build defines this: the CMake build for C++
+// users has no Python.
+#include <Python.h>
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+#endif

@@ -21,7 +21,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
-from . import primitives
+from . import distributed, primitives
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
@@ -69,8 +69,11 @@ def _has_compiled_kernel(dispatch_key: str) -> bool:
 
 
 def _triton_importable() -> bool:
+    # the installed fused_resnet.kernels, or kernels/ of a source checkout, in the
+    # current TRITON_INTERPRET mode (triton_backend.load_kernels)
     try:
-        from . import kernels  # noqa: F401
+        from .triton_backend import load_kernels
+        load_kernels()
     except Exception:  # noqa: BLE001  (no triton, or a broken install: not available)
         return False
     return True
@@ -87,7 +90,7 @@ def available_backends() -> list:
         names.append("cpu")
     if _has_compiled_kernel("CUDA") and torch.cuda.is_available():
         names.append("cuda")
-    if _triton_importable() and (torch.cuda.is_available() or _triton_interpreted()):
+    if (torch.cuda.is_available() or _triton_interpreted()) and _triton_importable():
         names.append("triton")
     return names
 
@@ -172,6 +175,8 @@ class Backend:
     # -- block operators: forward returns what ops.py saves, backward the gradients --
     def stats(self, z, bn):
         """Batch statistics in training mode, running statistics otherwise."""
+        if bn.synced:  # sync BN: merged over the ranks (one all-reduce); var gets the count
+            return distributed.sync_stats(bn.sync, z, [self.bn_stats(z)])
         if bn.use_batch_stats:
             return self.bn_stats(z)
         acc = primitives.acc_dtype(z.dtype)
@@ -207,12 +212,18 @@ class Backend:
         return g.grad_x, dw, g.grad_gamma, g.grad_beta
 
     def bn_add_relu_forward(self, z, bn, shortcut, z_d, bn_d, relu):
-        mean, var = self.stats(z, bn)
+        if z_d is not None and bn.synced and bn_d.synced:
+            # sync BN: the block's and the projection's statistics in one all-reduce
+            mean, var, mean_d, var_d = distributed.sync_stats(
+                bn.sync, z, [self.bn_stats(z), self.bn_stats(z_d)])
+        else:
+            mean, var = self.stats(z, bn)
         scale, shift = bn.scale_shift(mean, var)
         if z_d is None:
             out = self.bn_apply(z, scale, shift, shortcut, None, None, None, relu)
             return out, mean, var, None, None
-        mean_d, var_d = self.stats(z_d, bn_d)
+        if not (bn.synced and bn_d.synced):
+            mean_d, var_d = self.stats(z_d, bn_d)
         scale_d, shift_d = bn_d.scale_shift(mean_d, var_d)
         out = self.bn_apply(z, scale, shift, None, z_d, scale_d, shift_d, relu)
         return out, mean, var, mean_d, var_d
@@ -251,14 +262,53 @@ class Backend:
         """BN (+ReLU mask, + identity or projected shortcut) backward: one reduction pass
         and one elementwise pass for both branches."""
         sum_g, sum_g_xmu, sum_g_xmu2 = self.bn_backward_reduce(grad_out, out, x, mean, x2, mean2)
-        a, b, d, grad_gamma, grad_beta = bn.grad_coefficients(x, var, sum_g, sum_g_xmu)
+        local = local2 = None
+        sync = bn.sync if bn.synced else (bn2.sync if bn2 is not None and bn2.synced else "")
+        if sync:  # sync BN: the sums of all ranks for grad_x (one all-reduce for both BNs);
+            # this rank's sums for d gamma / d beta, which DDP averages
+            local, local2 = (sum_g, sum_g_xmu), (sum_g, sum_g_xmu2)
+            sum_g, sum_g_xmu, sum_g_xmu2 = distributed.sync_sums(sync, (sum_g, sum_g_xmu,
+                                                                        sum_g_xmu2))
+        a, b, d, grad_gamma, grad_beta = bn.grad_coefficients(x, var, sum_g, sum_g_xmu, local)
         a2 = b2 = d2 = grad_gamma2 = grad_beta2 = None
         if x2 is not None:
-            a2, b2, d2, grad_gamma2, grad_beta2 = bn2.grad_coefficients(x2, var2, sum_g, sum_g_xmu2)
+            a2, b2, d2, grad_gamma2, grad_beta2 = bn2.grad_coefficients(x2, var2, sum_g, sum_g_xmu2,
+                                                                        local2)
         grad_x, grad_s = self.bn_backward_apply(grad_out, out, x, mean, a, b, d, x2, mean2,
                                                 a2, b2, d2, grad_residual)
         return BNGrads(grad_x, grad_gamma, grad_beta, grad_s if grad_s.numel() else None,
                        grad_gamma2, grad_beta2)
+
+    # -- option-A shortcut (fused_resnet/option_a.py, csrc/option_a.cpp) --------------------
+    # Two more primitives: bn_apply / bn_backward_apply with the subsampled, zero-padded
+    # shortcut. By default they are the common primitives with the shortcut (and its
+    # gradient) materialised; ReferenceBackend and CompiledBackend fuse them.
+    def bn_apply_option_a(self, x, scale, shift, shortcut, stride, relu):
+        from .option_a import option_a_shortcut
+        residual = option_a_shortcut(shortcut, x.shape[1], stride)
+        residual = residual.contiguous(memory_format=primitives.memory_format(x))
+        return self.bn_apply(x, scale, shift, residual, None, None, None, relu)
+
+    def bn_backward_apply_option_a(self, grad_out, out, x, mean, a, b, d, shortcut_size,
+                                   stride):
+        from .option_a import option_a_shortcut_backward
+        grad_x, g = self.bn_backward_apply(grad_out, out, x, mean, a, b, d, None, None, None,
+                                           None, None, True)
+        return grad_x, option_a_shortcut_backward(g, shortcut_size, stride)
+
+    def bn_add_relu_option_a_forward(self, z, bn, shortcut, stride, relu):
+        mean, var = self.stats(z, bn)
+        scale, shift = bn.scale_shift(mean, var)
+        return self.bn_apply_option_a(z, scale, shift, shortcut, stride, relu), mean, var
+
+    def bn_add_relu_option_a_backward(self, grad_out, out, z, mean, var, bn, shortcut_size,
+                                      stride):
+        sum_g, sum_g_xmu, _ = self.bn_backward_reduce(grad_out, out, z, mean, None, None)
+        a, b, d, grad_gamma, grad_beta = bn.grad_coefficients(z, var, sum_g, sum_g_xmu)
+        grad_z, grad_s = self.bn_backward_apply_option_a(grad_out, out, z, mean, a, b, d,
+                                                         list(shortcut_size), stride)
+        return BNGrads(grad_z, grad_gamma, grad_beta, grad_s, None, None)
+    # -- end option-A ------------------------------------------------------------------------
 
     def __repr__(self) -> str:
         return f"<fused_resnet backend {self.name!r}>"
@@ -280,6 +330,14 @@ class ReferenceBackend(Backend):
     bn_backward_reduce = staticmethod(primitives.bn_backward_reduce)
     bn_backward_apply = staticmethod(primitives.bn_backward_apply)
 
+    def bn_apply_option_a(self, *args):  # option A: plain PyTorch (fused_resnet/option_a.py)
+        from .option_a import bn_apply_option_a
+        return bn_apply_option_a(*args)
+
+    def bn_backward_apply_option_a(self, *args):
+        from .option_a import bn_backward_apply_option_a
+        return bn_backward_apply_option_a(*args)
+
 
 class CompiledBackend(Backend):
     """The C++ (CPU) and CUDA kernels: the same torch.ops, dispatched by device."""
@@ -298,6 +356,19 @@ class CompiledBackend(Backend):
 
     def bn_backward_apply(self, *args):
         return torch.ops.fused_resnet.bn_backward_apply(*args)
+
+    # option A: the compiled kernels when the extension has them, else Backend's default
+    def bn_apply_option_a(self, *args):
+        from .option_a import has_compiled_kernel
+        if has_compiled_kernel(self.name):
+            return torch.ops.fused_resnet.bn_apply_option_a(*args)
+        return super().bn_apply_option_a(*args)
+
+    def bn_backward_apply_option_a(self, *args):
+        from .option_a import has_compiled_kernel
+        if has_compiled_kernel(self.name):
+            return torch.ops.fused_resnet.bn_backward_apply_option_a(*args)
+        return super().bn_backward_apply_option_a(*args)
 
 
 _INSTANCES: dict = {}

@@ -59,6 +59,17 @@ def _bn_tensors(bn: nn.BatchNorm2d) -> tuple:
             bn.running_var if tracked else None)
 
 
+def _sync(bn: nn.BatchNorm2d) -> str:
+    """Sync BN: the process-group key of a SyncBatchNorm2d (fused_resnet/distributed.py),
+    passed to the fused ops; "" for a plain nn.BatchNorm2d."""
+    return getattr(bn, "sync_group", "") if getattr(bn, "_fused_resnet_sync_bn", False) else ""
+
+
+def _is_bn2d(m: nn.Module) -> bool:
+    """nn.BatchNorm2d, or sync BN's subclass of it (same forward math, same state_dict)."""
+    return type(m) is nn.BatchNorm2d or getattr(type(m), "_fused_resnet_sync_bn", False)
+
+
 def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, z: Tensor) -> None:
     if bn.training and bn.track_running_stats:
         ops.update_running_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked,
@@ -111,7 +122,7 @@ def _conv_bias_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
 
 def _bn_relu_conv(z: Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, dtype) -> Tensor:
     out, mean, var = ops.bn_relu_conv(z, *_bn_tensors(bn), _cast(conv.weight, dtype),
-                                      *_conv_args(conv), bn.training, bn.eps, True)
+                                      *_conv_args(conv), bn.training, bn.eps, True, _sync(bn))
     _update_running_stats(bn, mean, var, z)
     return out
 
@@ -124,7 +135,7 @@ def _conv(x: Tensor, conv: nn.Conv2d, dtype) -> Tensor:
 def _projection(downsample: Optional[nn.Module]) -> Optional[tuple]:
     """(conv, bn) when the downsample is torchvision's 1x1 conv + BN, else None."""
     if (isinstance(downsample, nn.Sequential) and len(downsample) == 2
-            and type(downsample[0]) is nn.Conv2d and type(downsample[1]) is nn.BatchNorm2d
+            and type(downsample[0]) is nn.Conv2d and _is_bn2d(downsample[1])
             and downsample[0].bias is None and downsample[0].padding_mode == "zeros"):
         return downsample[0], downsample[1]
     return None
@@ -132,19 +143,22 @@ def _projection(downsample: Optional[nn.Module]) -> Optional[tuple]:
 
 def _block_tail(block, z: Tensor, x: Tensor, bn: nn.BatchNorm2d, dtype) -> Tensor:
     """relu(bn(z) + shortcut(x)) in training mode."""
+    fused_tail = getattr(block.downsample, "fused_tail", None)
+    if fused_tail is not None:  # option-A / no shortcut (fused_resnet/cifar.py), any mode
+        return fused_tail(z, x, bn, dtype)
     proj = _projection(block.downsample)
-    if proj is not None and proj[1].training == bn.training:
+    if proj is not None and proj[1].training == bn.training and _sync(proj[1]) == _sync(bn):
         conv_d, bn_d = proj
         z_d = _conv(x, conv_d, dtype)
         out, mean, var, mean_d, var_d = ops.bn_add_relu(
             z, *_bn_tensors(bn), None, z_d, *_bn_tensors(bn_d), bn.training, bn.eps,
-            bn_d.eps, True)
+            bn_d.eps, True, _sync(bn))
         _update_running_stats(bn_d, mean_d, var_d, z_d)
     else:
         shortcut = x if block.downsample is None else block.downsample(x)
         out, mean, var, _, _ = ops.bn_add_relu(
             z, *_bn_tensors(bn), _cast(shortcut, dtype), None, None, None, None, None,
-            bn.training, bn.eps, bn.eps, True)
+            bn.training, bn.eps, bn.eps, True, _sync(bn))
     _update_running_stats(bn, mean, var, z)
     return out
 
@@ -172,6 +186,8 @@ class BasicBlock(tv.BasicBlock):
         x = _cast(x, dtype)
         if _use_folded(self.bn1, self.bn2):
             y1 = _conv_bias_act(x, self.conv1, self.bn1, None, True, dtype)
+            if hasattr(self.downsample, "fused_tail"):  # option A / plain: fused_resnet/cifar.py
+                return _block_tail(self, _conv(y1, self.conv2, dtype), x, self.bn2, dtype)
             return _conv_bias_act(y1, self.conv2, self.bn2, _eval_shortcut(self, x, dtype),
                                   True, dtype)
         z1 = _conv(x, self.conv1, dtype)
@@ -222,7 +238,7 @@ class ResNet(tv.ResNet):
             return _conv_bias_act(x, self.conv1, self.bn1, None, True, dtype)
         out, z, mean, var = ops.conv_bn_relu(
             x, _cast(self.conv1.weight, dtype), *_bn_tensors(self.bn1), *_conv_args(self.conv1),
-            self.bn1.training, self.bn1.eps, True)
+            self.bn1.training, self.bn1.eps, True, _sync(self.bn1))
         _update_running_stats(self.bn1, mean, var, z)
         return out
 
@@ -249,7 +265,7 @@ def _check_convertible(block: nn.Module) -> None:
                              f"nn.Conv2d with zero, numeric padding, got {conv!r}")
     for name in ("bn1", "bn2", "bn3"):
         bn = getattr(block, name, None)
-        if bn is not None and type(bn) is not nn.BatchNorm2d:
+        if bn is not None and not _is_bn2d(bn):
             raise ValueError(f"cannot fuse {type(block).__name__}.{name}: expected "
                              f"nn.BatchNorm2d, got {type(bn).__name__}")
 
@@ -300,9 +316,10 @@ def _set_fixed(kwargs: dict, name: str, value: Any) -> None:
     kwargs[name] = value
 
 
-def _load_weights(model: nn.Module, weights: Any) -> None:
+def _read_weights(weights: Any) -> Optional[dict]:
+    """weights= of the factories: a state_dict, or the path of a saved one."""
     if weights is None:
-        return
+        return None
     if isinstance(weights, (str, os.PathLike)):
         weights = torch.load(weights, map_location="cpu", weights_only=True)
     elif not isinstance(weights, dict):
@@ -310,24 +327,51 @@ def _load_weights(model: nn.Module, weights: Any) -> None:
                         f"pretrained weights are not supported), got {type(weights).__name__}")
     if "state_dict" in weights and isinstance(weights["state_dict"], dict):
         weights = weights["state_dict"]
-    model.load_state_dict(weights, strict=True)
+    return weights
 
 
-def _resnet(block, layers, weights, **kwargs) -> ResNet:
-    if weights is not None and "num_classes" not in kwargs and isinstance(weights, dict) \
-            and "fc.weight" in weights:
+def _load_weights(model: nn.Module, weights: Any) -> None:
+    weights = _read_weights(weights)
+    if weights is not None:
+        model.load_state_dict(weights, strict=True)
+
+
+def _resnet(block, layers, weights, shortcut: Optional[str] = "B", **kwargs) -> ResNet:
+    weights = _read_weights(weights)
+    if weights is not None and "num_classes" not in kwargs and "fc.weight" in weights:
         kwargs["num_classes"] = weights["fc.weight"].shape[0]
+    if shortcut != "B" and block is not BasicBlock:
+        raise ValueError(f"shortcut={shortcut!r}: shortcut options A, C and None (plain) are "
+                         "implemented for basic-block models (resnet18, resnet34, the CIFAR "
+                         "family); bottleneck models have option B (projections) only")
     model = ResNet(block, layers, **kwargs)
+    if shortcut != "B":
+        from .cifar import set_shortcuts  # option A, C, plain: fused_resnet/cifar.py
+        set_shortcuts(model, shortcut)
     _load_weights(model, weights)
     return model
 
 
-def resnet18(*, weights=None, progress: bool = True, **kwargs) -> ResNet:
-    return _resnet(BasicBlock, [2, 2, 2, 2], weights, **kwargs)
+_SHORTCUT_DOC = """
+    shortcut: "B" (default: identity, 1x1 projections where the dimensions change; the
+    state_dict is torchvision's), "A" (identity / subsample + zero-pad, no parameters),
+    "C" (every shortcut a 1x1 projection) or None (the plain network, no shortcuts).
+    A, C and None change the modules and so the state_dict keys (see fused_resnet/cifar.py).
+    """
 
 
-def resnet34(*, weights=None, progress: bool = True, **kwargs) -> ResNet:
-    return _resnet(BasicBlock, [3, 4, 6, 3], weights, **kwargs)
+def resnet18(*, weights=None, progress: bool = True, shortcut: Optional[str] = "B",
+             **kwargs) -> ResNet:
+    return _resnet(BasicBlock, [2, 2, 2, 2], weights, shortcut, **kwargs)
+
+
+def resnet34(*, weights=None, progress: bool = True, shortcut: Optional[str] = "B",
+             **kwargs) -> ResNet:
+    return _resnet(BasicBlock, [3, 4, 6, 3], weights, shortcut, **kwargs)
+
+
+resnet18.__doc__ = "ResNet-18 on the fused operators." + _SHORTCUT_DOC
+resnet34.__doc__ = "ResNet-34 on the fused operators." + _SHORTCUT_DOC
 
 
 def resnet50(*, weights=None, progress: bool = True, **kwargs) -> ResNet:

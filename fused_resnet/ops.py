@@ -106,8 +106,14 @@ def _like(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     return None if t is None else t.contiguous(memory_format=memory_format(x))
 
 
-def _vec(x: Tensor) -> Tensor:
-    return x.new_empty(x.shape[1], dtype=acc_dtype(x.dtype))
+def _vec(x: Tensor, count: bool = False) -> Tensor:
+    # count: sync BN's var output, [C] variance + the global count (fused_resnet/distributed.py)
+    return x.new_empty(x.shape[1] + int(count), dtype=acc_dtype(x.dtype))
+
+
+def _synced(sync_group: str, training: bool, running_mean: Optional[Tensor]) -> bool:
+    """Sync BN with batch statistics: var has C+1 elements (the last the global count)."""
+    return bool(sync_group) and (bool(training) or running_mean is None)
 
 
 def _fake_conv(x: Tensor, weight: Tensor, conv: ConvArgs) -> Tensor:
@@ -120,33 +126,34 @@ def _fake_conv(x: Tensor, weight: Tensor, conv: ConvArgs) -> Tensor:
 def conv_bn_relu(x: Tensor, weight: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
                  stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                 training: bool, eps: float, relu: bool
+                 training: bool, eps: float, relu: bool, sync_group: str = ""
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """relu(bn(conv(x, weight))) -> (out, z = conv output, batch mean, batch biased var)."""
+    """relu(bn(conv(x, weight))) -> (out, z = conv output, batch mean, batch biased var).
+    sync_group: sync BN's process-group key (fused_resnet/distributed.py), "" = none."""
     _check_conv(x, weight)
     conv = ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups)
-    bn = BNArgs.of(gamma, beta, running_mean, running_var, training, eps)
+    bn = BNArgs.of(gamma, beta, running_mean, running_var, training, eps, sync_group)
     _check_bn(x, bn, _conv_out_shape(x, weight, conv))
     return backends.resolve(x.device).conv_bn_relu_forward(x, weight, conv, bn, relu)
 
 
 @conv_bn_relu.register_fake
 def _(x, weight, gamma, beta, running_mean, running_var, stride, padding, dilation, groups,
-      training, eps, relu):
+      training, eps, relu, sync_group=""):
     _check_conv(x, weight)
     z = _fake_conv(x, weight, ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups))
-    return torch.empty_like(z), z, _vec(z), _vec(z)
+    return torch.empty_like(z), z, _vec(z), _vec(z, _synced(sync_group, training, running_mean))
 
 
 def _conv_bn_relu_setup(ctx, inputs, output):
     (x, weight, gamma, beta, running_mean, running_var, stride, padding, dilation, groups,
-     training, eps, relu) = inputs
+     training, eps, relu, sync_group) = inputs
     out, z, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, gamma, beta, z, out, mean, var)
     ctx.conv = ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups)
-    ctx.bn = (bool(training) or running_mean is None, eps)
+    ctx.bn = (bool(training) or running_mean is None, eps, sync_group)
     ctx.relu = relu
     ctx.backend = backends.resolve(x.device)
 
@@ -159,7 +166,7 @@ def _conv_bn_relu_backward(ctx, grad_out, grad_z, _grad_mean, _grad_var):
     dx, dw, dgamma, dbeta = ctx.backend.conv_bn_relu_backward(
         grad_out, _like(grad_z, z), x, weight, z, out, mean, var, ctx.conv, bn, ctx.relu,
         need[0], need[1])
-    return dx, dw, dgamma, dbeta, None, None, None, None, None, None, None, None, None
+    return dx, dw, dgamma, dbeta, None, None, None, None, None, None, None, None, None, None
 
 
 conv_bn_relu.register_autograd(_conv_bn_relu_backward, setup_context=_conv_bn_relu_setup)
@@ -171,10 +178,12 @@ conv_bn_relu.register_autograd(_conv_bn_relu_backward, setup_context=_conv_bn_re
 def bn_relu_conv(z: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
                  running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Tensor,
                  stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                 training: bool, eps: float, relu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """conv(relu(bn(z)), weight) -> (out, batch mean of z, batch biased var of z)."""
+                 training: bool, eps: float, relu: bool, sync_group: str = ""
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """conv(relu(bn(z)), weight) -> (out, batch mean of z, batch biased var of z).
+    sync_group: sync BN's process-group key (fused_resnet/distributed.py), "" = none."""
     _check_conv(z, weight)
-    bn = BNArgs.of(gamma, beta, running_mean, running_var, training, eps)
+    bn = BNArgs.of(gamma, beta, running_mean, running_var, training, eps, sync_group)
     _check_bn(z, bn)
     conv = ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups)
     return backends.resolve(z.device).bn_relu_conv_forward(z, weight, conv, bn, relu)
@@ -182,20 +191,20 @@ def bn_relu_conv(z: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
 
 @bn_relu_conv.register_fake
 def _(z, gamma, beta, running_mean, running_var, weight, stride, padding, dilation, groups,
-      training, eps, relu):
+      training, eps, relu, sync_group=""):
     _check_conv(z, weight)
     out = _fake_conv(z, weight, ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups))
-    return out, _vec(z), _vec(z)
+    return out, _vec(z), _vec(z, _synced(sync_group, training, running_mean))
 
 
 def _bn_relu_conv_setup(ctx, inputs, output):
     (z, gamma, beta, running_mean, running_var, weight, stride, padding, dilation, groups,
-     training, eps, relu) = inputs
+     training, eps, relu, sync_group) = inputs
     _out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.save_for_backward(z, gamma, beta, weight, mean, var)
     ctx.conv = ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups)
-    ctx.bn = (bool(training) or running_mean is None, eps)
+    ctx.bn = (bool(training) or running_mean is None, eps, sync_group)
     ctx.relu = relu
     ctx.backend = backends.resolve(z.device)
 
@@ -206,7 +215,7 @@ def _bn_relu_conv_backward(ctx, grad_out, _grad_mean, _grad_var):
     need = ctx.needs_input_grad
     dz, dw, dgamma, dbeta = ctx.backend.bn_relu_conv_backward(
         grad_out, z, weight, mean, var, ctx.conv, bn, ctx.relu, need[0], need[5])
-    return dz, dgamma, dbeta, None, None, dw, None, None, None, None, None, None, None
+    return dz, dgamma, dbeta, None, None, dw, None, None, None, None, None, None, None, None
 
 
 bn_relu_conv.register_autograd(_bn_relu_conv_backward, setup_context=_bn_relu_conv_setup)
@@ -220,19 +229,22 @@ def bn_add_relu(z: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
                 shortcut: Optional[Tensor], z_d: Optional[Tensor], gamma_d: Optional[Tensor],
                 beta_d: Optional[Tensor], running_mean_d: Optional[Tensor],
                 running_var_d: Optional[Tensor], training: bool, eps: float, eps_d: float,
-                relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                relu: bool, sync_group: str = ""
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """relu(bn(z) + shortcut) or relu(bn(z) + bn_d(z_d))
-    -> (out, mean, var, mean_d, var_d); mean_d/var_d are empty without a projection."""
+    -> (out, mean, var, mean_d, var_d); mean_d/var_d are empty without a projection.
+    sync_group: sync BN's process-group key (fused_resnet/distributed.py), "" = none."""
     _check_activation(z)
     if shortcut is not None and z_d is not None:
         raise ValueError("bn_add_relu takes an identity shortcut or a projection (z_d), not both")
-    bn = BNArgs.of(gamma, beta, running_mean, running_var, training, eps)
+    bn = BNArgs.of(gamma, beta, running_mean, running_var, training, eps, sync_group)
     _check_bn(z, bn)
     _check_like(shortcut, z, "shortcut")
     _check_like(z_d, z, "projection shortcut z_d")
     bn_d = None
     if z_d is not None:
-        bn_d = BNArgs.of(gamma_d, beta_d, running_mean_d, running_var_d, training, eps_d)
+        bn_d = BNArgs.of(gamma_d, beta_d, running_mean_d, running_var_d, training, eps_d,
+                         sync_group)
         _check_bn(z_d, bn_d)
     backend = backends.resolve(z.device)
     out, mean, var, mean_d, var_d = backend.bn_add_relu_forward(
@@ -244,25 +256,30 @@ def bn_add_relu(z: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
 
 @bn_add_relu.register_fake
 def _(z, gamma, beta, running_mean, running_var, shortcut, z_d, gamma_d, beta_d,
-      running_mean_d, running_var_d, training, eps, eps_d, relu):
+      running_mean_d, running_var_d, training, eps, eps_d, relu, sync_group=""):
     _check_activation(z)
     _check_like(shortcut, z, "shortcut")
     _check_like(z_d, z, "projection shortcut z_d")
     empty = z.new_empty(0, dtype=acc_dtype(z.dtype))
-    stats_d = (_vec(z), _vec(z)) if z_d is not None else (empty, empty.clone())
-    return (torch.empty_like(z, memory_format=memory_format(z)), _vec(z), _vec(z)) + stats_d
+    stats_d = (_vec(z), _vec(z, _synced(sync_group, training, running_mean_d))) \
+        if z_d is not None else (empty, empty.clone())
+    return (torch.empty_like(z, memory_format=memory_format(z)), _vec(z),
+            _vec(z, _synced(sync_group, training, running_mean))) + stats_d
 
 
 def _bn_add_relu_setup(ctx, inputs, output):
     (z, gamma, beta, running_mean, running_var, shortcut, z_d, gamma_d, beta_d,
-     running_mean_d, running_var_d, training, eps, eps_d, relu) = inputs
+     running_mean_d, running_var_d, training, eps, eps_d, relu, sync_group) = inputs
     out, mean, var, mean_d, var_d = output
     ctx.mark_non_differentiable(mean, var, mean_d, var_d)
     # `out` is the next block's input, kept alive by it anyway: saving it for the ReLU
     # mask costs no memory.
-    ctx.save_for_backward(out, z, gamma, beta, mean, var, z_d, gamma_d, beta_d, mean_d, var_d)
-    ctx.bn = (bool(training) or running_mean is None, eps)
-    ctx.bn_d = (bool(training) or running_mean_d is None, eps_d)
+    # Without ReLU (plain BN, e.g. sync BN on its own) out is not needed, and not saved:
+    # callers may modify it in place (torchvision's `out += identity`).
+    ctx.save_for_backward(out if relu else None, z, gamma, beta, mean, var, z_d, gamma_d,
+                          beta_d, mean_d, var_d)
+    ctx.bn = (bool(training) or running_mean is None, eps, sync_group)
+    ctx.bn_d = (bool(training) or running_mean_d is None, eps_d, sync_group)
     ctx.has_shortcut = shortcut is not None
     ctx.relu = relu
     ctx.backend = backends.resolve(z.device)
@@ -279,7 +296,7 @@ def _bn_add_relu_backward(ctx, grad_out, *_grad_stats):
     d_shortcut = g.grad_shortcut if ctx.has_shortcut else None
     d_zd = g.grad_shortcut if z_d is not None else None
     return (g.grad_x, g.grad_gamma, g.grad_beta, None, None, d_shortcut, d_zd, g.grad_gamma2,
-            g.grad_beta2, None, None, None, None, None, None)
+            g.grad_beta2, None, None, None, None, None, None, None)
 
 
 bn_add_relu.register_autograd(_bn_add_relu_backward, setup_context=_bn_add_relu_setup)
@@ -345,7 +362,12 @@ def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[T
         factor = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
     else:
         factor = momentum
-    unbiased = var * (count / max(count - 1, 1))
+    if var.dim() == 1 and var.numel() == mean.numel() + 1:
+        # sync BN (fused_resnet/distributed.py): var carries the global count as a tensor
+        var, n = var[:-1], var[-1]
+        unbiased = var * (n / (n - 1).clamp_min(1))
+    else:
+        unbiased = var * (count / max(count - 1, 1))
     running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
     running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
 
