@@ -15,15 +15,19 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _find_cuda_home():
-    """torch guesses CUDA_HOME from `which nvcc` without resolving links, which gives
-    /usr/local for /usr/local/bin/nvcc -> /usr/local/cuda/bin/nvcc: resolve it here,
-    before torch.utils.cpp_extension reads the variable at import."""
+    """torch guesses CUDA_HOME from `which nvcc`, which gives /usr/local for a wrapper at
+    /usr/local/bin/nvcc: pick a directory that really holds a toolkit (nvcc, headers
+    and libcudart), before torch.utils.cpp_extension reads the variable at import."""
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
     nvcc = shutil.which("nvcc")
-    for candidate in ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) \
-            + ["/usr/local/cuda"]:
-        if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+    candidates = ["/usr/local/cuda"]
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for candidate in candidates:
+        if all(os.path.exists(os.path.join(candidate, f))
+               for f in ("bin/nvcc", "include/cuda_runtime.h")) and \
+                glob.glob(os.path.join(candidate, "lib*", "libcudart.so*")):
             os.environ["CUDA_HOME"] = candidate
             return
 

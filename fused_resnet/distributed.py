@@ -56,7 +56,12 @@ def register_process_group(group=None, key: Optional[str] = None) -> str:
     for k, g in _GROUPS.items():
         if g is group and (key is None or k == str(key)):
             return k
-    key = str(key) if key is not None else f"group{len(_GROUPS)}"
+    if key is None:
+        n = len(_GROUPS)
+        while f"group{n}" in _GROUPS:
+            n += 1
+        key = f"group{n}"
+    key = str(key)
     if not key:
         raise ValueError("a process-group key must be a non-empty string ('' means no sync)")
     _GROUPS[key] = group

@@ -77,7 +77,13 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, z: Tens
 
 
 def _use_folded(*bns: nn.BatchNorm2d) -> bool:
-    """Eval mode with running statistics: BN is affine and folds into the conv."""
+    """Eval mode with running statistics: BN is affine and folds into the conv - for
+    inference. When gradients must reach gamma/beta, the unfolded eval-mode ops are
+    used: through the folded bias d beta/d gamma would come out as a difference of
+    large terms (sum g*z*invstd - mean*invstd*sum g), losing fp32 precision."""
+    if torch.is_grad_enabled() and any(
+            p is not None and p.requires_grad for bn in bns for p in (bn.weight, bn.bias)):
+        return False
     return all(not bn.training and bn.running_mean is not None for bn in bns)
 
 

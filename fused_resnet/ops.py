@@ -17,6 +17,11 @@ statistics, and outputs that the network keeps alive anyway (a block's output is
 next block's input). BN -> ReLU -> conv is one operator so that the normalised
 activation between them is never saved: backward recomputes it.
 
+Sync BN (data-parallel training): conv_bn_relu, bn_relu_conv and bn_add_relu take an
+optional trailing `sync_group` (a process-group key, "" = none); with it the batch
+statistics and the backward's sums are merged over the ranks (one all-reduce each way)
+and `var` carries the global count as an extra last element (fused_resnet/distributed.py).
+
 Every op runs on the backend chosen by `fused_resnet.set_backend` (see backends.py);
 the backend is fixed at forward time and reused by the backward.
 """
@@ -353,7 +358,8 @@ def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[T
                          count: int, momentum: Optional[float]) -> None:
     """What training-mode torch.nn.BatchNorm does to its buffers: count the batch and
     move the running mean / unbiased variance towards the batch's (momentum=None: the
-    cumulative average)."""
+    cumulative average). Sync BN: var has C+1 elements, the last the global count, which
+    then replaces `count` (fused_resnet/distributed.py)."""
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if running_mean is None:

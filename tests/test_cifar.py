@@ -514,3 +514,57 @@ def test_train_compare_plain_calls_the_experiment(monkeypatch, tmp_path):
     kwargs = calls[0][1]
     assert kwargs["steps"] == 5 and kwargs["batch_size"] == 16
     assert str(kwargs["out_dir"]) == str(tmp_path) and kwargs["device"] == "cpu"
+
+
+# --- CUDA (skipped without a GPU; the kernels of csrc/cuda/option_a.cu) ---------------------
+
+CUDA_OPTION_A = (torch.cuda.is_available() and "cuda" in fused_resnet.available_backends()
+                 and option_a.has_compiled_kernel("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_OPTION_A, reason="needs a GPU and the CUDA option-A kernels")
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [(8, 16, 32, 33, 31, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_option_a_primitives(shape, dtype, fmt):
+    n, cin, c, h, w, s = shape
+    ho, wo = -(-h // s), -(-w // s)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    mk = lambda *size: torch.randn(*size, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)  # noqa: E731
+    z, x, go = mk(n, c, ho, wo), mk(n, cin, h, w), mk(n, c, ho, wo)
+    vecs = [torch.randn(c, dtype=acc) for _ in range(6)]
+    cu = lambda *ts: [t.cuda() for t in ts]  # noqa: E731
+    for relu in (True, False):
+        ref = option_a.bn_apply_option_a(z, vecs[0], vecs[1], x, s, relu)
+        got = torch.ops.fused_resnet.bn_apply_option_a(*cu(z, vecs[0], vecs[1], x), s, relu)
+        assert got.dtype == dtype and got.stride() == ref.stride()
+        assert rel_err(got.cpu(), ref) < TOL[dtype] / 4
+    for mask in (ref, None):
+        refs = option_a.bn_backward_apply_option_a(go, mask, z, *vecs[2:], list(x.shape), s)
+        gots = torch.ops.fused_resnet.bn_backward_apply_option_a(
+            go.cuda(), None if mask is None else mask.cuda(), *cu(z, *vecs[2:]), list(x.shape), s)
+        for r, g in zip(refs, gots):
+            assert g.shape == r.shape and g.stride() == r.stride()
+            assert rel_err(g.cpu(), r) < TOL[dtype] / 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_OPTION_A, reason="needs a GPU and the CUDA option-A kernels")
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: f"opt{o}")
+def test_cuda_cifar_resnet_matches_plain_pytorch(option):
+    fused, ref = _models("cifar_resnet20", option)
+    fused, ref = fused.cuda(), ref.cuda()
+    x = torch.randn(4, 3, 17, 15, dtype=torch.float64, device="cuda")
+    g = torch.randn(4, 10, dtype=torch.float64, device="cuda")
+    for training in (True, False):
+        fused.train(training)
+        ref.train(training)
+        with fused_resnet.use_backend("cuda"):
+            y, dx = _run(fused, x, g)
+        y_ref, dx_ref = _run(ref, x, g)
+        assert rel_err(y, y_ref) < 1e-8 and rel_err(dx, dx_ref) < 1e-8
+        for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+            assert rel_err(p.grad, q.grad) < 1e-8, name
+        fused.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)

@@ -241,3 +241,20 @@ def test_sync_ops_opcheck_and_count_output():
     ops.update_running_stats(r1, v1, None, mean, var, 12345, 0.1)   # count from var
     ops.update_running_stats(r2, v2, None, ref_mean, ref_var, 40, 0.1)
     assert torch.allclose(r1, r2, rtol=0, atol=1e-15) and torch.allclose(v1, v2, rtol=1e-15)
+
+
+def test_sync_bn_under_torch_compile_fullgraph():
+    """The sync_group argument and the (C+1)-element var trace through torch.compile
+    (the collectives would run inside the opaque custom ops); no process group here."""
+    torch.manual_seed(0)
+    ref = fused_resnet.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=5)
+    model = fused_resnet.convert_sync_batchnorm(copy.deepcopy(ref))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 3, HW, HW)
+    out, ref_out = compiled(x), ref(x)
+    out.sum().backward()
+    ref_out.sum().backward()
+    assert _rel(out, ref_out) < 1e-6
+    assert _rel(model.conv1.weight.grad, ref.conv1.weight.grad) < 1e-5
+    assert _rel(model.layer2[0].downsample[1].running_var,
+                ref.layer2[0].downsample[1].running_var) < 1e-6
