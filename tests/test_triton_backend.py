@@ -441,6 +441,13 @@ def test_tiny_resnet_matches_torchvision(spy, mode):
         assert any(k.get("stats") for n, k in spy.calls if n == "conv2d")
         assert any(k.get("in_scale") is not None for n, k in spy.calls if n == "conv2d")
     else:
+        # eval with gradients runs the unfolded eval-mode ops (models._use_folded);
+        # inference (no grad) runs the BN-folded convs with the bias epilogue
+        assert any(k.get("in_scale") is not None for n, k in spy.calls if n == "conv2d")
+        spy.calls.clear()
+        with torch.no_grad():
+            inferred = fr32(x.float())
+        assert rel_err(inferred, ref["out"]) <= 4 * rel_err(tv_res["out"], ref["out"]) + 1e-5
         assert any(k.get("bias") is not None for n, k in spy.calls if n == "conv2d")
 
 
