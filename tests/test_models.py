@@ -378,3 +378,37 @@ def test_torch_compile_fullgraph_inference_and_training():
     for (n, a), b in zip(eager.named_buffers(), fr.buffers()):
         assert torch.equal(a, b) or rel_err(b, a) < 1e-12, n
     assert fr.bn1.num_batches_tracked.item() == 1
+
+
+# --- GPU: the compiled CUDA backend on full networks (skipped without CUDA) ---------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["resnet50", "resnet152"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_cuda_bfloat16_autocast_error_like_eager(name, mode):
+    """bf16 autocast, channels_last: error against an fp32 reference no worse than 1.5x
+    eager bf16's, for the output and for all parameter gradients together."""
+    if "cuda" not in fused_resnet.available_backends():
+        pytest.skip("the cuda backend is not built")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tv = randomize_bn(getattr(torchvision.models, name)(num_classes=10)).cuda()
+    tv = tv.to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 128, 128, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,), device="cuda")
+
+    def run(model, autocast):
+        model = copy.deepcopy(model)
+        getattr(model, mode)()
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+        return out.float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
+
+    ref_out, ref_grad = run(tv, False)
+    eager_out, eager_grad = run(tv, True)
+    with fused_resnet.use_backend("cuda"):
+        fused_out, fused_grad = run(fused_resnet.convert(tv), True)
+    assert rel_err(fused_out, ref_out) <= 1.5 * rel_err(eager_out, ref_out)
+    assert rel_err(fused_grad, ref_grad) <= 1.5 * rel_err(eager_grad, ref_grad)
