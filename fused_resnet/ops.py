@@ -118,7 +118,7 @@ def _vec(x: Tensor, count: bool = False) -> Tensor:
 
 def _synced(sync_group: str, training: bool, running_mean: Optional[Tensor]) -> bool:
     """Sync BN with batch statistics: var has C+1 elements (the last the global count)."""
-    return bool(sync_group) and (bool(training) or running_mean is None)
+    return BNArgs.of(None, None, running_mean, None, training, 0.0, sync_group).synced
 
 
 def _fake_conv(x: Tensor, weight: Tensor, conv: ConvArgs) -> Tensor:
@@ -158,14 +158,15 @@ def _conv_bn_relu_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, gamma, beta, z, out, mean, var)
     ctx.conv = ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups)
-    ctx.bn = (bool(training) or running_mean is None, eps, sync_group)
+    ctx.bn = BNArgs.of(None, None, running_mean, running_var, training, eps,
+                        sync_group).without_tensors()
     ctx.relu = relu
     ctx.backend = backends.resolve(x.device)
 
 
 def _conv_bn_relu_backward(ctx, grad_out, grad_z, _grad_mean, _grad_var):
     x, weight, gamma, beta, z, out, mean, var = ctx.saved_tensors
-    bn = BNArgs(gamma, beta, None, None, *ctx.bn)
+    bn = ctx.bn.with_affine(gamma, beta)
     grad_out = _like(grad_out, z) if grad_out is not None else torch.zeros_like(out)
     need = ctx.needs_input_grad
     dx, dw, dgamma, dbeta = ctx.backend.conv_bn_relu_backward(
@@ -209,14 +210,15 @@ def _bn_relu_conv_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, var)
     ctx.save_for_backward(z, gamma, beta, weight, mean, var)
     ctx.conv = ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups)
-    ctx.bn = (bool(training) or running_mean is None, eps, sync_group)
+    ctx.bn = BNArgs.of(None, None, running_mean, running_var, training, eps,
+                        sync_group).without_tensors()
     ctx.relu = relu
     ctx.backend = backends.resolve(z.device)
 
 
 def _bn_relu_conv_backward(ctx, grad_out, _grad_mean, _grad_var):
     z, gamma, beta, weight, mean, var = ctx.saved_tensors
-    bn = BNArgs(gamma, beta, None, None, *ctx.bn)
+    bn = ctx.bn.with_affine(gamma, beta)
     need = ctx.needs_input_grad
     dz, dw, dgamma, dbeta = ctx.backend.bn_relu_conv_backward(
         grad_out, z, weight, mean, var, ctx.conv, bn, ctx.relu, need[0], need[5])
@@ -283,8 +285,10 @@ def _bn_add_relu_setup(ctx, inputs, output):
     # callers may modify it in place (torchvision's `out += identity`).
     ctx.save_for_backward(out if relu else None, z, gamma, beta, mean, var, z_d, gamma_d,
                           beta_d, mean_d, var_d)
-    ctx.bn = (bool(training) or running_mean is None, eps, sync_group)
-    ctx.bn_d = (bool(training) or running_mean_d is None, eps_d, sync_group)
+    ctx.bn = BNArgs.of(None, None, running_mean, running_var, training, eps,
+                        sync_group).without_tensors()
+    ctx.bn_d = BNArgs.of(None, None, running_mean_d, running_var_d, training, eps_d,
+                          sync_group).without_tensors()
     ctx.has_shortcut = shortcut is not None
     ctx.relu = relu
     ctx.backend = backends.resolve(z.device)
@@ -292,8 +296,8 @@ def _bn_add_relu_setup(ctx, inputs, output):
 
 def _bn_add_relu_backward(ctx, grad_out, *_grad_stats):
     out, z, gamma, beta, mean, var, z_d, gamma_d, beta_d, mean_d, var_d = ctx.saved_tensors
-    bn = BNArgs(gamma, beta, None, None, *ctx.bn)
-    bn_d = BNArgs(gamma_d, beta_d, None, None, *ctx.bn_d) if z_d is not None else None
+    bn = ctx.bn.with_affine(gamma, beta)
+    bn_d = ctx.bn_d.with_affine(gamma_d, beta_d) if z_d is not None else None
     g = ctx.backend.bn_add_relu_backward(
         _like(grad_out, z), out, z, mean, var, bn, ctx.has_shortcut,
         z_d, mean_d if z_d is not None else None, var_d if z_d is not None else None, bn_d,

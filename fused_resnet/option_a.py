@@ -177,7 +177,7 @@ def _setup(ctx, inputs, output):
     # `out` is the next block's input and x this block's (kept by its first convolution):
     # saving out for the ReLU mask costs no memory, and of x only the shape is needed.
     ctx.save_for_backward(out, z, gamma, beta, mean, var)
-    ctx.bn = (bool(training) or running_mean is None, eps)
+    ctx.bn = BNArgs.of(None, None, running_mean, running_var, training, eps).without_tensors()
     ctx.x_size = list(x.shape)
     ctx.stride = stride
     ctx.relu = relu
@@ -186,7 +186,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
     out, z, gamma, beta, mean, var = ctx.saved_tensors
-    bn = BNArgs(gamma, beta, None, None, *ctx.bn)
+    bn = ctx.bn.with_affine(gamma, beta)
     g = ctx.backend.bn_add_relu_option_a_backward(
         _like(grad_out, z), out if ctx.relu else None, z, mean, var, bn, ctx.x_size,
         ctx.stride)

@@ -3,7 +3,7 @@ them, with the little per-channel math of batch norm (done on [C] vectors, in th
 accumulation dtype) in one place."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -44,6 +44,14 @@ class BNArgs:
         # as torch.nn.BatchNorm: batch statistics in training, or when none are tracked
         return cls(gamma, beta, running_mean, running_var,
                    bool(training) or running_mean is None, float(eps), str(sync))
+
+    def without_tensors(self) -> "BNArgs":
+        """What an autograd ctx keeps: the flags, not the tensors (gamma and beta go
+        through save_for_backward; the running statistics are not needed)."""
+        return replace(self, gamma=None, beta=None, running_mean=None, running_var=None)
+
+    def with_affine(self, gamma: Optional[Tensor], beta: Optional[Tensor]) -> "BNArgs":
+        return replace(self, gamma=gamma, beta=beta)
 
     @property
     def synced(self) -> bool:
