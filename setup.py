@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -102,12 +102,12 @@ setup(
     version="0.1.0",
     description="Fused conv + batch norm + ReLU + shortcut kernels for ResNets, "
                 "registered as PyTorch operators, with a torchvision-compatible model zoo",
-    packages=["fused_resnet", "fused_resnet.kernels"],
-    package_dir={"fused_resnet": "fused_resnet", "fused_resnet.kernels": "kernels"},
+    packages=find_packages(include=["fused_resnet", "fused_resnet.*"]),
+    package_data={"fused_resnet.backends": ["README.md"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "torchvision>=0.19", "tqdm", "matplotlib"],
     extras_require={"test": ["pytest", "scikit-learn"]},
-    entry_points={"console_scripts": ["fused-resnet=fused_resnet.cli:main"]},
+    entry_points={"console_scripts": ["fused-resnet=fused_resnet.tools.cli:main"]},
 )

@@ -70,17 +70,12 @@ def op_name(k, s, cin, cout, hw):
 
 
 def import_kernels():
-    try:
-        import fused_resnet.kernels as K
-        if getattr(K, "AVAILABLE", False):
-            return K
-    except Exception:  # noqa: BLE001
-        pass
+    """fused_resnet.kernels.conv (the source tree's, when fused_resnet is not installed)."""
     sys.path.insert(0, ROOT)
-    import kernels as K
-    if not K.AVAILABLE:
-        raise SystemExit(f"fused_resnet kernels unavailable: {K.IMPORT_ERROR}")
-    return K
+    import fused_resnet.kernels as kernels
+    if not kernels.AVAILABLE:
+        raise SystemExit(f"fused_resnet kernels unavailable: {kernels.IMPORT_ERROR}")
+    return kernels.conv
 
 
 # ------------------------------------------------------------------- compile-only mode
@@ -93,8 +88,7 @@ def compile_only() -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    K = import_kernels()
-    C = sys.modules[K.conv2d.__module__]
+    C = import_kernels()
 
     def build(auto, ptr_types, ints, consts, cfg, tag):
         fn = auto.fn

@@ -70,7 +70,7 @@ for step in $STEPS; do
     check)
       BACKENDS=$("$PYTHON" -W ignore -c "
 import torch, fused_resnet
-from fused_resnet.bench import backend_status
+from fused_resnet.tools.bench import backend_status
 print(' '.join(b for b in fused_resnet.available_backends()
                if backend_status(b, torch.device('$DEVICE'))[1] is None))")
       for backend in $BACKENDS; do

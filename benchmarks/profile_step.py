@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-from fused_resnet import bench, report  # noqa: E402
+from fused_resnet.tools import bench, report  # noqa: E402
 
 GPU = dict(models=["resnet50", "resnet152"], batch=256, resolution=224, dtype="bf16", warmup=3,
            impls=["eager", "eager-cl-amp", "compile", "fused"])

@@ -1,5 +1,5 @@
 """`python -m fused_resnet bench|check|train ...`"""
-from .cli import main
+from .tools.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -3,7 +3,12 @@ import os
 import pytest
 import torch
 
-import fused_resnet
+if not torch.cuda.is_available():
+    # The Triton kernels run on CPU tensors only interpreted, and @triton.jit fixes the
+    # mode when fused_resnet.kernels is imported: before fused_resnet is.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fused_resnet  # noqa: E402
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -15,7 +20,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # Backends whose operators run on this machine's CPU tensors. Triton on CPU runs only
-# interpreted, and is tested by its own kernel tests (test_triton_kernels.py).
+# interpreted, and is tested by its own tests (tests/backends/test_triton_backend.py,
+# tests/kernels/test_triton_kernels.py).
 CPU_BACKENDS = [b for b in ("reference", "cpu") if b in fused_resnet.available_backends()]
 
 # Relative-error tolerances against a float64 oracle fed the same (rounded) inputs:

@@ -1,0 +1,198 @@
+"""The block math, written once on top of the primitives.
+
+A backend runs the four primitives (csrc/ops.cpp) and the two option-A primitives
+(csrc/option_a.cpp); `Backend` turns them into the forward and backward of every block
+operator (convolutions through ATen, so cuDNN on a GPU). A backend with its own
+convolutions (Triton) overrides the block methods it fuses further. The contract a new
+backend fulfils: backends/README.md.
+
+Per-channel tensors (mean, var, coefficients) are in the accumulation dtype.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import collectives
+from .conventions import acc_dtype, memory_format
+from .primitives import option_a_shortcut, option_a_shortcut_backward
+
+
+class BNGrads(NamedTuple):
+    grad_x: torch.Tensor
+    grad_gamma: Optional[torch.Tensor]
+    grad_beta: Optional[torch.Tensor]
+    grad_shortcut: Optional[torch.Tensor]   # identity residual, or the projection's pre-BN input
+    grad_gamma2: Optional[torch.Tensor]
+    grad_beta2: Optional[torch.Tensor]
+
+
+class Backend:
+    """A backend runs the primitives; the block operators below are written once on top
+    of them. Subclasses set `name` and implement the primitives and `unavailable_reason`."""
+
+    name = "abstract"
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        """Why this backend cannot run on `device` (None when it can)."""
+        raise NotImplementedError
+
+    # -- the four primitives (schemas and math: csrc/ops.cpp) --
+    def bn_stats(self, x):
+        raise NotImplementedError
+
+    def bn_apply(self, x, scale, shift, residual, x2, scale2, shift2, relu):
+        raise NotImplementedError
+
+    def bn_backward_reduce(self, grad_out, out, x, mean, x2, mean2):
+        raise NotImplementedError
+
+    def bn_backward_apply(self, grad_out, out, x, mean, a, b, d, x2, mean2, a2, b2, d2,
+                          grad_residual):
+        raise NotImplementedError
+
+    # -- the option-A primitives (csrc/option_a.cpp). By default the common primitives
+    # with the shortcut (and its gradient) materialised; backends with kernels fuse them.
+    def bn_apply_option_a(self, x, scale, shift, shortcut, stride, relu):
+        residual = option_a_shortcut(shortcut, x.shape[1], stride)
+        residual = residual.contiguous(memory_format=memory_format(x))
+        return self.bn_apply(x, scale, shift, residual, None, None, None, relu)
+
+    def bn_backward_apply_option_a(self, grad_out, out, x, mean, a, b, d, shortcut_size,
+                                   stride):
+        grad_x, g = self.bn_backward_apply(grad_out, out, x, mean, a, b, d, None, None, None,
+                                           None, None, True)
+        return grad_x, option_a_shortcut_backward(g, shortcut_size, stride)
+
+    # -- convolution --
+    def conv(self, x, weight, conv):
+        return torch.ops.aten.convolution(x, weight, None, *conv.args)
+
+    def conv_backward(self, grad, x, weight, conv, need_x, need_w):
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, *conv.args, [need_x, need_w, False])
+        return gx, gw
+
+    # -- block operators: forward returns what the op saves, backward the gradients --
+    def stats(self, z, bn):
+        """Batch statistics in training mode, running statistics otherwise."""
+        if bn.synced:  # sync BN: merged over the ranks (one all-reduce); var gets the count
+            return collectives.sync_stats(bn.sync, z, [self.bn_stats(z)])
+        if bn.use_batch_stats:
+            return self.bn_stats(z)
+        acc = acc_dtype(z.dtype)
+        return bn.running_mean.to(acc).clone(), bn.running_var.to(acc).clone()
+
+    def conv_bn_relu_forward(self, x, weight, conv, bn, relu):
+        z = self.conv(x, weight, conv)
+        mean, var = self.stats(z, bn)
+        scale, shift = bn.scale_shift(mean, var)
+        out = self.bn_apply(z, scale, shift, None, None, None, None, relu)
+        return out, z, mean, var
+
+    def conv_bn_relu_backward(self, grad_out, grad_z, x, weight, z, out, mean, var, conv, bn,
+                              relu, need_x, need_w):
+        g = self.bn_backward(grad_out, out if relu else None, z, mean, var, bn)
+        dz = g.grad_x if grad_z is None else g.grad_x + grad_z
+        dx, dw = self.conv_backward(dz, x, weight, conv, need_x, need_w)
+        return dx, dw, g.grad_gamma, g.grad_beta
+
+    def bn_relu_conv_forward(self, z, weight, conv, bn, relu):
+        mean, var = self.stats(z, bn)
+        scale, shift = bn.scale_shift(mean, var)
+        y = self.bn_apply(z, scale, shift, None, None, None, None, relu)
+        return self.conv(y, weight, conv), mean, var
+
+    def bn_relu_conv_backward(self, grad_out, z, weight, mean, var, conv, bn, relu,
+                              need_z, need_w):
+        # The normalised activation was not saved: recompute it for the weight gradient.
+        scale, shift = bn.scale_shift(mean, var)
+        y = self.bn_apply(z, scale, shift, None, None, None, None, relu)
+        dy, dw = self.conv_backward(grad_out, y, weight, conv, True, need_w)
+        g = self.bn_backward(dy, y if relu else None, z, mean, var, bn)
+        return g.grad_x, dw, g.grad_gamma, g.grad_beta
+
+    def bn_add_relu_forward(self, z, bn, shortcut, z_d, bn_d, relu):
+        if z_d is not None and bn.synced and bn_d.synced:
+            # sync BN: the block's and the projection's statistics in one all-reduce
+            mean, var, mean_d, var_d = collectives.sync_stats(
+                bn.sync, z, [self.bn_stats(z), self.bn_stats(z_d)])
+        else:
+            mean, var = self.stats(z, bn)
+        scale, shift = bn.scale_shift(mean, var)
+        if z_d is None:
+            out = self.bn_apply(z, scale, shift, shortcut, None, None, None, relu)
+            return out, mean, var, None, None
+        if not (bn.synced and bn_d.synced):
+            mean_d, var_d = self.stats(z_d, bn_d)
+        scale_d, shift_d = bn_d.scale_shift(mean_d, var_d)
+        out = self.bn_apply(z, scale, shift, None, z_d, scale_d, shift_d, relu)
+        return out, mean, var, mean_d, var_d
+
+    def bn_add_relu_backward(self, grad_out, out, z, mean, var, bn, has_shortcut,
+                             z_d, mean_d, var_d, bn_d, relu):
+        return self.bn_backward(grad_out, out if relu else None, z, mean, var, bn,
+                                grad_residual=has_shortcut, x2=z_d, mean2=mean_d,
+                                var2=var_d, bn2=bn_d)
+
+    def conv_bias_act_forward(self, x, weight, bias, residual, conv, relu):
+        z = self.conv(x, weight, conv)
+        acc = acc_dtype(z.dtype)
+        ones = torch.ones(z.shape[1], dtype=acc, device=z.device)
+        shift = bias.to(acc) if bias is not None else torch.zeros_like(ones)
+        if residual is not None:
+            residual = residual.contiguous(memory_format=memory_format(z))
+        return self.bn_apply(z, ones, shift, residual, None, None, None, relu)
+
+    def conv_bias_act_backward(self, grad_out, out, x, weight, conv, relu, need_x, need_w,
+                               need_bias, need_residual):
+        mask_src = out if relu else None
+        acc = acc_dtype(out.dtype)
+        c = out.shape[1]
+        ones = torch.ones(c, dtype=acc, device=out.device)
+        zeros = torch.zeros(c, dtype=acc, device=out.device)
+        g, _ = self.bn_backward_apply(grad_out, mask_src, out, zeros, ones, zeros, zeros,
+                                      None, None, None, None, None, False)
+        dbias = self.bn_backward_reduce(grad_out, mask_src, out, zeros, None, None)[0] \
+            if need_bias else None
+        dx, dw = self.conv_backward(g, x, weight, conv, need_x, need_w)
+        return dx, dw, dbias, (g if need_residual else None)
+
+    def bn_backward(self, grad_out, out, x, mean, var, bn, grad_residual=False,
+                    x2=None, mean2=None, var2=None, bn2=None):
+        """BN (+ReLU mask, + identity or projected shortcut) backward: one reduction pass
+        and one elementwise pass for both branches."""
+        sum_g, sum_g_xmu, sum_g_xmu2 = self.bn_backward_reduce(grad_out, out, x, mean, x2, mean2)
+        local = local2 = None
+        sync = bn.sync if bn.synced else (bn2.sync if bn2 is not None and bn2.synced else "")
+        if sync:  # sync BN: the sums of all ranks for grad_x (one all-reduce for both BNs);
+            # this rank's sums for d gamma / d beta, which DDP averages
+            local, local2 = (sum_g, sum_g_xmu), (sum_g, sum_g_xmu2)
+            sum_g, sum_g_xmu, sum_g_xmu2 = collectives.sync_sums(sync, (sum_g, sum_g_xmu,
+                                                                        sum_g_xmu2))
+        a, b, d, grad_gamma, grad_beta = bn.grad_coefficients(x, var, sum_g, sum_g_xmu, local)
+        a2 = b2 = d2 = grad_gamma2 = grad_beta2 = None
+        if x2 is not None:
+            a2, b2, d2, grad_gamma2, grad_beta2 = bn2.grad_coefficients(x2, var2, sum_g, sum_g_xmu2,
+                                                                        local2)
+        grad_x, grad_s = self.bn_backward_apply(grad_out, out, x, mean, a, b, d, x2, mean2,
+                                                a2, b2, d2, grad_residual)
+        return BNGrads(grad_x, grad_gamma, grad_beta, grad_s if grad_s.numel() else None,
+                       grad_gamma2, grad_beta2)
+
+    def bn_add_relu_option_a_forward(self, z, bn, shortcut, stride, relu):
+        mean, var = self.stats(z, bn)
+        scale, shift = bn.scale_shift(mean, var)
+        return self.bn_apply_option_a(z, scale, shift, shortcut, stride, relu), mean, var
+
+    def bn_add_relu_option_a_backward(self, grad_out, out, z, mean, var, bn, shortcut_size,
+                                      stride):
+        sum_g, sum_g_xmu, _ = self.bn_backward_reduce(grad_out, out, z, mean, None, None)
+        a, b, d, grad_gamma, grad_beta = bn.grad_coefficients(z, var, sum_g, sum_g_xmu)
+        grad_z, grad_s = self.bn_backward_apply_option_a(grad_out, out, z, mean, a, b, d,
+                                                         list(shortcut_size), stride)
+        return BNGrads(grad_z, grad_gamma, grad_beta, grad_s, None, None)
+
+    def __repr__(self) -> str:
+        return f"<fused_resnet backend {self.name!r}>"

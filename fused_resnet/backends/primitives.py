@@ -1,0 +1,133 @@
+"""The kernel-level primitives in plain PyTorch: what the `reference` backend runs, and
+the oracle the compiled kernels are tested against.
+
+Every backend implements the same four memory-bound primitives (schemas and math in
+csrc/ops.cpp) and the two option-A shortcut primitives (csrc/option_a.cpp). Per-channel
+vectors are in the accumulation dtype: float64 for float64 input, float32 otherwise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .conventions import acc_dtype, memory_format, per_channel, reduce_dims
+
+
+def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance (two-pass, in acc dtype)."""
+    xa = x.to(acc_dtype(x.dtype))
+    dims = reduce_dims(x)
+    mean = xa.mean(dims)
+    var = (xa - per_channel(mean, x.dim())).square().mean(dims)
+    return mean, var
+
+
+def bn_apply(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+             x2: Optional[Tensor], scale2: Optional[Tensor], shift2: Optional[Tensor],
+             relu: bool) -> Tensor:
+    nd = x.dim()
+    out = x.to(scale.dtype) * per_channel(scale, nd) + per_channel(shift, nd)
+    if residual is not None:
+        out = out + residual.to(scale.dtype)
+    if x2 is not None:
+        out = out + x2.to(scale.dtype) * per_channel(scale2, nd) + per_channel(shift2, nd)
+    if relu:
+        out = out.clamp_min(0)
+    return out.to(x.dtype).contiguous(memory_format=memory_format(x))
+
+
+def masked_grad(grad_out: Tensor, out: Optional[Tensor], acc: torch.dtype) -> Tensor:
+    """grad_out in acc, zero where the ReLU output is <= 0 (when out is given)."""
+    g = grad_out.to(acc)
+    if out is not None:
+        # (out <= 0) -> 0, not (out > 0) -> g: a NaN output passes its gradient, as in eager.
+        g = torch.where(out <= 0, torch.zeros((), dtype=acc, device=g.device), g)
+    return g
+
+
+def bn_backward_reduce(grad_out: Tensor, out: Optional[Tensor], x: Tensor, mean: Tensor,
+                       x2: Optional[Tensor], mean2: Optional[Tensor]
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    acc = acc_dtype(x.dtype)
+    nd = x.dim()
+    dims = reduce_dims(x)
+    g = masked_grad(grad_out, out, acc)
+    sum_g = g.sum(dims)
+    sum_g_xmu = (g * (x.to(acc) - per_channel(mean, nd))).sum(dims)
+    if x2 is not None:
+        sum_g_xmu2 = (g * (x2.to(acc) - per_channel(mean2, nd))).sum(dims)
+    else:
+        sum_g_xmu2 = sum_g.new_empty(0)
+    return sum_g, sum_g_xmu, sum_g_xmu2
+
+
+def bn_backward_apply(grad_out: Tensor, out: Optional[Tensor], x: Tensor, mean: Tensor,
+                      a: Tensor, b: Tensor, d: Tensor, x2: Optional[Tensor],
+                      mean2: Optional[Tensor], a2: Optional[Tensor], b2: Optional[Tensor],
+                      d2: Optional[Tensor], grad_residual: bool) -> tuple[Tensor, Tensor]:
+    acc = acc_dtype(x.dtype)
+    nd = x.dim()
+    fmt = memory_format(x)
+    g = masked_grad(grad_out, out, acc)
+    pc = lambda v: per_channel(v, nd)  # noqa: E731
+    grad_x = (pc(a) * g + pc(b) * (x.to(acc) - pc(mean)) + pc(d)).to(x.dtype)
+    if x2 is not None:
+        grad_s = (pc(a2) * g + pc(b2) * (x2.to(acc) - pc(mean2)) + pc(d2)).to(x.dtype)
+    elif grad_residual:
+        grad_s = g.to(x.dtype)
+    else:
+        grad_s = x.new_empty(0)
+    if grad_s.numel():
+        grad_s = grad_s.contiguous(memory_format=fmt)
+    return grad_x.contiguous(memory_format=fmt), grad_s
+
+
+# --- option-A shortcuts (csrc/option_a.cpp) --------------------------------------------------
+
+def option_a_out_size(size: int, stride: int) -> int:
+    """The block's output size for an input size: ceil(size / stride)."""
+    return -(-size // stride)
+
+
+def option_a_shortcut(x: Tensor, channels: int, stride: int) -> Tensor:
+    """pad_channels(x[:, :, ::stride, ::stride]) with `channels` output channels."""
+    return F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, channels - x.shape[1]))
+
+
+def option_a_shortcut_backward(grad: Tensor, shortcut_size: list, stride: int) -> Tensor:
+    """The transpose of option_a_shortcut: grad [N, C, H, W] -> [N, C_in, H_in, W_in]."""
+    fmt = memory_format(grad)
+    out = torch.zeros(list(shortcut_size), dtype=grad.dtype, device=grad.device)
+    out = out.contiguous(memory_format=fmt)
+    out[:, :, ::stride, ::stride] = grad[:, :shortcut_size[1]]
+    return out
+
+
+def bn_apply_option_a(x: Tensor, scale: Tensor, shift: Tensor, shortcut: Tensor, stride: int,
+                      relu: bool) -> Tensor:
+    """x*scale[c] + shift[c] + option_a_shortcut(shortcut), then ReLU; dtype and memory
+    format of x, computed in the dtype of scale (the accumulation dtype)."""
+    acc = scale.dtype
+    out = x.to(acc) * per_channel(scale, 4) + per_channel(shift, 4)
+    out = out + option_a_shortcut(shortcut.to(acc), x.shape[1], stride)
+    if relu:
+        out = out.clamp_min(0)
+    return out.to(x.dtype).contiguous(memory_format=memory_format(x))
+
+
+def bn_backward_apply_option_a(grad_out: Tensor, out: Optional[Tensor], x: Tensor,
+                               mean: Tensor, a: Tensor, b: Tensor, d: Tensor,
+                               shortcut_size: list, stride: int) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_shortcut): grad_x = a*g + b*(x - mean) + d with g the ReLU-masked
+    grad_out ((out <= 0) -> 0), grad_shortcut = option_a_shortcut_backward(g)."""
+    acc = acc_dtype(x.dtype)
+    fmt = memory_format(x)
+    g = masked_grad(grad_out, out, acc)
+    pc = lambda v: per_channel(v, 4)  # noqa: E731
+    grad_x = (pc(a) * g + pc(b) * (x.to(acc) - pc(mean)) + pc(d)).to(x.dtype)
+    grad_s = option_a_shortcut_backward(g.to(x.dtype).contiguous(memory_format=fmt),
+                                        list(shortcut_size), stride)
+    return grad_x.contiguous(memory_format=fmt), grad_s

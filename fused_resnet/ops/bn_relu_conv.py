@@ -1,0 +1,61 @@
+"""BN -> ReLU -> conv as one operator, inside a block: conv(relu(bn(z))). Backward
+recomputes the normalised activation instead of saving it."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backends import registry
+from ..backends.conventions import channel_vector
+from .args import BNArgs, ConvArgs
+from .checks import check_bn, check_conv, fake_conv, var_has_count
+
+
+@torch.library.custom_op("fused_resnet::bn_relu_conv", mutates_args=())
+def bn_relu_conv(z: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
+                 running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Tensor,
+                 stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                 training: bool, eps: float, relu: bool, sync_group: str = ""
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """conv(relu(bn(z)), weight) -> (out, batch mean of z, batch biased var of z).
+    sync_group: sync BN's process-group key (fused_resnet/backends/collectives.py), "" = none."""
+    check_conv(z, weight)
+    bn = BNArgs.of(gamma, beta, running_mean, running_var, training, eps, sync_group)
+    check_bn(z, bn)
+    conv = ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups)
+    return registry.resolve(z.device).bn_relu_conv_forward(z, weight, conv, bn, relu)
+
+
+@bn_relu_conv.register_fake
+def _(z, gamma, beta, running_mean, running_var, weight, stride, padding, dilation, groups,
+      training, eps, relu, sync_group=""):
+    check_conv(z, weight)
+    out = fake_conv(z, weight, ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups))
+    return out, channel_vector(z), channel_vector(z, var_has_count(sync_group, training, running_mean))
+
+
+def _bn_relu_conv_setup(ctx, inputs, output):
+    (z, gamma, beta, running_mean, running_var, weight, stride, padding, dilation, groups,
+     training, eps, relu, sync_group) = inputs
+    _out, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(z, gamma, beta, weight, mean, var)
+    ctx.conv = ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups)
+    ctx.bn = BNArgs.of(None, None, running_mean, running_var, training, eps,
+                        sync_group).without_tensors()
+    ctx.relu = relu
+    ctx.backend = registry.resolve(z.device)
+
+
+def _bn_relu_conv_backward(ctx, grad_out, _grad_mean, _grad_var):
+    z, gamma, beta, weight, mean, var = ctx.saved_tensors
+    bn = ctx.bn.with_affine(gamma, beta)
+    need = ctx.needs_input_grad
+    dz, dw, dgamma, dbeta = ctx.backend.bn_relu_conv_backward(
+        grad_out, z, weight, mean, var, ctx.conv, bn, ctx.relu, need[0], need[5])
+    return dz, dgamma, dbeta, None, None, dw, None, None, None, None, None, None, None, None
+
+
+bn_relu_conv.register_autograd(_bn_relu_conv_backward, setup_context=_bn_relu_conv_setup)

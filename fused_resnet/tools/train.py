@@ -1,0 +1,577 @@
+"""Train a fused ResNet (and torchvision's, with --compare): curves, checkpoints, DDP.
+
+    python -m fused_resnet train                          # resnet18 on digits, CPU, minutes
+    python -m fused_resnet train --compare --out runs/r18 # + torchvision from the same init
+    python -m fused_resnet train --model resnet50 --data /data/imagenet --epochs 90 \\
+        --batch 256 --schedule step --compare             # a GPU: AMP + channels_last on
+    torchrun --nproc-per-node 2 -m fused_resnet train ...  # data-parallel, sync BN (gloo/NCCL)
+
+SGD with momentum 0.9 and weight decay 1e-4 (He et al. 2016), learning rate
+0.1 x batch/256 unless --lr, on a cosine or the paper's step schedule (x0.1 at 50% and
+75% of the steps, optional linear warm-up). With --compare the torchvision model starts
+from the fused model's initial weights and sees the same batches in the same order, so
+the two loss curves coincide at first and drift apart only through rounding (in fp64
+they coincide over the whole run).
+
+Data: --data digits (default: scikit-learn's real 8x8 digits, upscaled, offline),
+synthetic (generated), or an ImageFolder path. The training batches are global: step s
+uses the same images for any number of ranks; under torchrun each rank takes its share
+and the fused model's batch norm is synchronised (convert_sync_batchnorm), so K ranks
+compute what one process computes. Only rank 0 shows the progress bar and writes files.
+
+Files in --out (default runs/train), named --name: NAME.json (curves of both models and
+the run's environment), NAME.png (loss / accuracy / fused-vs-torchvision loss gap) and
+NAME.ckpt.pt (a checkpoint whose "state_dict" loads into torchvision's model, strict;
+--resume it to continue the run exactly where it stopped).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+          "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+# the paper's CIFAR family (fused_resnet/cifar.py): fused only (no --compare), and
+# --compare-plain (the degradation experiment, fused_resnet/degradation.py)
+CIFAR_MODELS = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56",
+                "cifar_resnet110", "cifar_resnet1202")
+
+# Arguments a resumed run takes from its checkpoint unless given again.
+_RESUMED = {"model": "resnet18", "data": "digits", "image_size": None, "batch": 64, "lr": None,
+            "schedule": "cosine", "warmup": 0, "epochs": None, "steps": None, "seed": 0,
+            "compare": False, "dtype": "fp32", "momentum": 0.9, "weight_decay": 1e-4,
+            "eval_every": None}
+_DEFAULT_EPOCHS = {"digits": 6, "synthetic": 6}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", choices=MODELS + CIFAR_MODELS, default=None,
+                   help="default: resnet18")
+    g.add_argument("--data", default=None, metavar="digits|synthetic|PATH",
+                   help="default: digits (scikit-learn, offline); or an ImageFolder directory "
+                        "(PATH/train + PATH/val, or PATH split 90/10)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="default: 32 for digits/synthetic, 224 for an ImageFolder")
+    g.add_argument("--workers", type=int, default=4, help="ImageFolder loader processes")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=float, default=None,
+                   help="default: 6 on digits/synthetic, 90 on an ImageFolder")
+    g.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides "
+                   "--epochs)")
+    g.add_argument("--batch", type=int, default=None,
+                   help="global batch size, shared by the ranks (default 64)")
+    g.add_argument("--lr", type=float, default=None, help="default: 0.1 x batch / 256")
+    g.add_argument("--momentum", type=float, default=None, help="default 0.9")
+    g.add_argument("--weight-decay", type=float, default=None, help="default 1e-4")
+    g.add_argument("--schedule", choices=("cosine", "step"), default=None,
+                   help="cosine (default) or the paper's step schedule (x0.1 at 50%% and 75%%)")
+    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default 0)")
+    g.add_argument("--seed", type=int, default=None, help="initialisation, data order and "
+                   "augmentation (default 0)")
+    g = p.add_argument_group("execution")
+    g.add_argument("--compare", action="store_true", default=None,
+                   help="also train torchvision's model from the same initialisation on the "
+                        "same batches")
+    g.add_argument("--compare-plain", action="store_true",
+                   help="the degradation experiment instead: train the plain (no shortcut) and "
+                        "the residual (option A) network of --model's depth on digits, plot "
+                        "their training error (fused_resnet/degradation.py)")
+    g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
+    g.add_argument("--backend", default=None, help="fused_resnet backend (auto, cpu, cuda, "
+                   "triton, reference)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="autocast (default: on for GPU, off for CPU)")
+    g.add_argument("--amp-dtype", choices=("bf16", "fp16"), default="bf16",
+                   help="autocast dtype (fp16 uses a gradient scaler)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format (default: on for GPU, off for CPU)")
+    g.add_argument("--dtype", choices=("fp32", "fp64"), default=None,
+                   help="parameter and input dtype (fp64: exact fused-vs-torchvision checks)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the models")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads per process")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="runs/train", help="output directory (default runs/train)")
+    g.add_argument("--name", default=None,
+                   help="file name stem (default train_<device>_<model>_<data>)")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate (and checkpoint) every N steps (default: every epoch)")
+    g.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint")
+    g.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
+                   help="write checkpoints (default on)")
+    g.add_argument("--keep-checkpoints", action="store_true",
+                   help="also keep NAME.step<N>.ckpt.pt at every evaluation")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "step":
+        return 0.1 ** ((step >= total * 0.5) + (step >= total * 0.75))
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)        # torch.compile
+    return getattr(model, "module", model)           # DDP
+
+
+class _Run:
+    """One model being trained: module (maybe DDP/compiled), optimizer, schedule, curves."""
+
+    def __init__(self, label: str, model: nn.Module, args, total: int, device):
+        self.label = label
+        self.model = model
+        self.opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                   weight_decay=args.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: _lr_factor(s, total, args.schedule, args.warmup))
+        fp16 = args.amp and args.amp_dtype == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+        self.history = {"step": [], "loss": [], "train_acc": [], "lr": [],
+                        "eval": {"step": [], "loss": [], "acc": []}, "train_time_s": 0.0,
+                        "images": 0}
+        self.pending: list = []       # per-step [loss_sum, correct] tensors not yet fetched
+
+    def state(self) -> dict:
+        return {"state_dict": _unwrap(self.model).state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                "history": self.history}
+
+    def load(self, state: dict) -> None:
+        _unwrap(self.model).load_state_dict(state["state_dict"], strict=True)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.history = state["history"]
+
+
+def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _evaluate(model: nn.Module, data, args, device, rank: int, world: int) -> tuple:
+    """(mean loss, accuracy) on the validation set, sharded over the ranks; the bare module
+    runs (eval-mode BN folds: no collective inside), the totals are all-reduced."""
+    module = _unwrap(model)
+    was_training = module.training
+    module.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    with torch.no_grad(), _autocast(args, device):
+        for x, y in _val_batches(data, args, device, rank, world):
+            out = _logits(module(x))
+            totals[0] += F.cross_entropy(out, y, reduction="sum").double()
+            totals[1] += (out.argmax(1) == y).sum()
+            totals[2] += y.numel()
+    module.train(was_training)
+    _all_reduce(totals, world)
+    loss, correct, n = totals.tolist()
+    return loss / max(n, 1), correct / max(n, 1)
+
+
+def _logits(out: torch.Tensor) -> torch.Tensor:
+    """The loss in fp32 at least (AMP's fp16/bf16 logits), fp64 stays fp64."""
+    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+
+
+def _autocast(args, device):
+    if not args.amp:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if args.amp_dtype == "bf16"
+                          else torch.float16)
+
+
+def _to_input(x: torch.Tensor, args, device) -> torch.Tensor:
+    x = x.to(device, dtype=args.torch_dtype, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+
+
+def _val_batches(data, args, device, rank, world, batch: int = 256):
+    if data.in_memory:
+        x_all, y_all = data.val.tensors
+        idx = torch.arange(rank, len(data.val), world)
+        for i in range(0, idx.numel(), batch):
+            j = idx[i:i + batch]
+            yield _to_input(x_all[j], args, device), y_all[j].to(device)
+        return
+    sub = torch.utils.data.Subset(data.val, list(range(rank, len(data.val), world)))
+    loader = torch.utils.data.DataLoader(sub, batch_size=max(1, args.batch // world),
+                                         num_workers=args.workers,
+                                         pin_memory=device.type == "cuda")
+    for x, y in loader:
+        yield _to_input(x, args, device), y.to(device, non_blocking=True)
+
+
+class _StepBatches(torch.utils.data.Sampler):
+    """Batch sampler: this rank's indices of global steps start..total-1 (ImageFolder)."""
+
+    def __init__(self, batches, start: int, total: int):
+        self.batches, self.start, self.total = batches, start, total
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            yield self.batches.indices(step).tolist()
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+
+def _train_batches(data, batches, args, device, start: int, total: int):
+    if data.in_memory:
+        from .data import augment
+        x_all, y_all = data.train.tensors
+        for step in range(start, total):
+            idx = batches.global_indices(step)
+            x = augment(x_all[idx], args.seed, step)[batches.local_slice()]
+            yield _to_input(x, args, device), y_all[idx][batches.local_slice()].to(device)
+        return
+    loader = torch.utils.data.DataLoader(data.train, batch_sampler=_StepBatches(batches, start,
+                                                                               total),
+                                         num_workers=args.workers,
+                                         pin_memory=device.type == "cuda",
+                                         persistent_workers=False)
+    for x, y in loader:
+        yield _to_input(x, args, device), y.to(device, non_blocking=True)
+
+
+def _build(args, num_classes: int, device, world: int) -> tuple:
+    import torchvision
+
+    import fused_resnet
+    torch.manual_seed(args.seed)
+    fused = getattr(fused_resnet, args.model)(num_classes=num_classes)
+    tv_model = None
+    if args.compare:
+        tv_model = getattr(torchvision.models, args.model)(num_classes=num_classes)
+        tv_model.load_state_dict(fused.state_dict(), strict=True)   # the same initialisation
+    models = []
+    for m in (fused, tv_model):
+        if m is None:
+            models.append(None)
+            continue
+        m = m.to(device=device, dtype=args.torch_dtype)
+        if args.channels_last:
+            m = m.to(memory_format=torch.channels_last)
+        if world > 1:
+            if m is fused or device.type != "cuda":
+                # fused: sync BN inside the fused operators. torchvision's on CPU: torch's
+                # SyncBatchNorm needs CUDA, so its BN layers use ours (its blocks stay
+                # torchvision's); on GPU it gets torch.nn.SyncBatchNorm.
+                m = fused_resnet.convert_sync_batchnorm(m)
+            else:
+                m = nn.SyncBatchNorm.convert_sync_batchnorm(m)
+            m = nn.parallel.DistributedDataParallel(
+                m, device_ids=[device.index] if device.type == "cuda" else None)
+        if args.compile:
+            m = torch.compile(m)
+        models.append(m)
+    return models[0], models[1]
+
+
+def _plot(path: Path, histories: dict, title: str) -> Optional[Path]:
+    from .report import _pyplot
+    plt = _pyplot()
+    if plt is None:
+        return None
+    colors = {"fused": "#c44e52", "torchvision": "#4c72b0"}
+    n_panels = 3 if "torchvision" in histories else 2
+    fig, axes = plt.subplots(1, n_panels, figsize=(5.2 * n_panels, 4.4))
+    for label, h in histories.items():
+        steps, loss = h["step"], h["loss"]
+        c = colors.get(label)
+        axes[0].plot(steps, loss, color=c, alpha=0.35, lw=0.8)
+        smooth, ema = [], None
+        for v in loss:
+            ema = v if ema is None else 0.9 * ema + 0.1 * v
+            smooth.append(ema)
+        axes[0].plot(steps, smooth, color=c, lw=1.6, label=f"{label} (EMA 0.9)")
+        ev = h["eval"]
+        axes[1].plot(ev["step"], [100 * a for a in ev["acc"]], "o-", color=c, lw=1.6, ms=4,
+                     label=f"{label} val")
+        acc_s, ema = [], None
+        for v in h["train_acc"]:
+            ema = v if ema is None else 0.9 * ema + 0.1 * v
+            acc_s.append(100 * ema)
+        axes[1].plot(steps, acc_s, "--", color=c, lw=1.0, alpha=0.7, label=f"{label} train (EMA)")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("training loss")
+    axes[0].legend(fontsize=8)
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("accuracy (%)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    if n_panels == 3:
+        f, t = histories["fused"], histories["torchvision"]
+        common = min(len(f["loss"]), len(t["loss"]))
+        gap = [abs(a - b) / max(abs(b), 1e-30) for a, b in zip(f["loss"][:common],
+                                                               t["loss"][:common])]
+        gap = [max(g, 1e-17) for g in gap]
+        axes[2].semilogy(f["step"][:common], gap, color="#55a868", lw=1.0)
+        axes[2].set_xlabel("step")
+        axes[2].set_ylabel("|loss fused - loss torchvision| / loss torchvision")
+        axes[2].set_title("same init, same batches", fontsize=9)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- the command ---------------------------------------------------------------------------
+
+def _resolve(args, ckpt_args: Optional[dict], data_name: str) -> None:
+    for key, default in _RESUMED.items():
+        if getattr(args, key, None) is None:
+            value = (ckpt_args or {}).get(key, default)
+            setattr(args, key, value)
+    if args.epochs is None and args.steps is None:
+        args.epochs = _DEFAULT_EPOCHS.get(data_name, 90)
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "compare_plain", False):  # fused_resnet/degradation.py
+        from .degradation import run_from_train_args
+        return run_from_train_args(args)
+    if args.compare and args.model in CIFAR_MODELS:
+        print(f"error: torchvision has no {args.model}: --compare needs an ImageNet model",
+              file=sys.stderr)
+        return 2
+    import fused_resnet
+    from . import data as data_mod
+    from . import launch as fdist
+    from .report import environment, note, progress, write_json
+
+    # -- processes and device --
+    want = args.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    rank, world = 0, 1
+    device = torch.device(want)
+    launched = fdist.launched_by_torchrun()
+    if launched:
+        rank, world, _local, device = fdist.init_from_env(device.type)
+        if device.type == "cpu" and args.threads is None:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    is_main = rank == 0
+    try:
+        return _run(args, rank, world, device, is_main, fused_resnet, data_mod, environment,
+                    note, progress, write_json)
+    finally:
+        if launched and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args, rank, world, device, is_main, fused_resnet, data_mod, environment, note,
+         progress, write_json) -> int:
+    ckpt = None
+    if args.resume:
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+    data_name = args.data or (ckpt or {}).get("args", {}).get("data") or "digits"
+    data_name = data_name if data_name in ("digits", "synthetic") else "imagefolder"
+    _resolve(args, (ckpt or {}).get("args"), data_name)
+    gpu = device.type == "cuda"
+    args.amp = gpu if args.amp is None else args.amp
+    args.channels_last = gpu if args.channels_last is None else args.channels_last
+    args.torch_dtype = torch.float64 if args.dtype == "fp64" else torch.float32
+    if args.lr is None:
+        args.lr = 0.1 * args.batch / 256
+    if args.backend:
+        fused_resnet.set_backend(args.backend)
+
+    data = data_mod.load(args.data, args.image_size, args.seed)
+    args.image_size = data.image_size
+    batches = data_mod.GlobalBatches(len(data.train), args.batch, args.seed, rank, world)
+    total = args.steps if args.steps is not None else \
+        max(1, int(round(args.epochs * batches.steps_per_epoch)))
+    eval_every = args.eval_every or batches.steps_per_epoch
+    fused, tv_model = _build(args, data.num_classes, device, world)
+    runs = [_Run("fused", fused, args, total, device)]
+    if tv_model is not None:
+        runs.append(_Run("torchvision", tv_model, args, total, device))
+
+    start = 0
+    if ckpt is not None:
+        for r in runs:
+            if r.label not in ckpt["runs"]:
+                raise ValueError(f"{args.resume} has no {r.label} model to resume "
+                                 "(was it trained without --compare?)")
+            r.load(ckpt["runs"][r.label])
+        start = int(ckpt["step"])
+
+    name = args.name or f"train_{device.type}_{args.model}_{data.name}"
+    out_dir = Path(args.out)
+    json_path, png_path = out_dir / f"{name}.json", out_dir / f"{name}.png"
+    ckpt_path = out_dir / f"{name}.ckpt.pt"
+    saved_args = {k: getattr(args, k) for k in _RESUMED}
+    saved_args["data"] = args.data
+
+    def save_checkpoint(step: int) -> None:
+        if not (is_main and args.save):
+            return
+        state = {"state_dict": _unwrap(fused).state_dict(), "model": args.model,
+                 "num_classes": data.num_classes, "step": step, "total_steps": total,
+                 "args": saved_args, "runs": {r.label: r.state() for r in runs}}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, ckpt_path)
+        if args.keep_checkpoints:
+            kept = out_dir / f"{name}.step{step}.ckpt.pt"
+            kept.unlink(missing_ok=True)
+            try:
+                os.link(ckpt_path, kept)     # the same file, no second write
+            except OSError:
+                shutil.copyfile(ckpt_path, kept)
+
+    def flush(r: _Run) -> None:
+        if not r.pending:
+            return
+        stats = torch.stack([s for _, s in r.pending])
+        _all_reduce(stats, world)
+        for (step, _), (loss_sum, correct) in zip(r.pending, stats.tolist()):
+            r.history["step"].append(step)
+            r.history["loss"].append(loss_sum / args.batch)
+            r.history["train_acc"].append(correct / args.batch)
+            r.history["lr"].append(args.lr * _lr_factor(step, total, args.schedule, args.warmup))
+        r.pending.clear()
+
+    def evaluate(step: int) -> None:
+        for r in runs:
+            loss, acc = _evaluate(r.model, data, args, device, rank, world)
+            r.history["eval"]["step"].append(step)
+            r.history["eval"]["loss"].append(loss)
+            r.history["eval"]["acc"].append(acc)
+
+    def write_results(final: bool) -> None:
+        if not is_main:
+            return
+        hist = {r.label: r.history for r in runs}
+        summary = {}
+        for r in runs:
+            h = r.history
+            summary[r.label] = {
+                "final_val_acc": h["eval"]["acc"][-1] if h["eval"]["acc"] else None,
+                "final_val_loss": h["eval"]["loss"][-1] if h["eval"]["loss"] else None,
+                "final_train_loss": h["loss"][-1] if h["loss"] else None,
+                "train_time_s": h["train_time_s"],
+                "images_per_s": h["images"] / h["train_time_s"] if h["train_time_s"] else None}
+        if len(runs) == 2:
+            f, t = hist["fused"]["loss"], hist["torchvision"]["loss"]
+            gaps = [abs(a - b) / abs(b) for a, b in zip(f, t) if b]
+            summary["loss_rel_gap_first10_max"] = max(gaps[:10], default=None)
+            summary["loss_rel_gap_max"] = max(gaps, default=None)
+        env = environment(device)
+        meta = {"command": "train", "model": args.model, "data": data.name,
+                "train_images": len(data.train), "val_images": len(data.val),
+                "num_classes": data.num_classes, "image_size": data.image_size,
+                "batch": args.batch, "world_size": world, "local_batches": batches.local_sizes,
+                "steps": total, "steps_per_epoch": batches.steps_per_epoch,
+                "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay,
+                "schedule": args.schedule, "warmup": args.warmup, "seed": args.seed,
+                "dtype": args.dtype, "amp": bool(args.amp),
+                "amp_dtype": args.amp_dtype if args.amp else None,
+                "channels_last": bool(args.channels_last), "compile": bool(args.compile),
+                "fused_backend": fused_resnet.get_backend(),
+                "sync_bn": world > 1, "finished": final, "argv": sys.argv}
+        write_json(json_path, {"meta": meta, "environment": env, "summary": summary,
+                               "history": hist})
+        if final:
+            title = (f"{args.model} on {data.name} ({len(data.train)} train images, "
+                     f"{data.image_size}px), batch {args.batch} x {total} steps, "
+                     f"{args.schedule} lr {args.lr:g}, {args.dtype}"
+                     f"{' + AMP ' + args.amp_dtype if args.amp else ''}, "
+                     f"{world} rank{'s' if world > 1 else ''}, {env['device_name']}")
+            _plot(png_path, hist, title)
+
+    # -- the loop --
+    for r in runs:
+        r.model.train()
+    bar = progress(total=total, desc=f"train {args.model}", disable=args.quiet or not is_main)
+    if start:
+        bar.update(start)
+    gpu_sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step, (x, y) in enumerate(_train_batches(data, batches, args, device, start, total),
+                                  start=start):
+        for r in runs:
+            gpu_sync()
+            t0 = time.perf_counter()
+            with _autocast(args, device):
+                out = r.model(x)
+            out = _logits(out)
+            loss_sum = F.cross_entropy(out, y, reduction="sum")
+            # DDP averages the ranks' gradients: this scaling makes the average the
+            # gradient of the global batch's mean loss (ranks may hold different counts)
+            loss = loss_sum * (world / args.batch)
+            r.opt.zero_grad(set_to_none=True)
+            r.scaler.scale(loss).backward()
+            r.scaler.step(r.opt)
+            r.scaler.update()
+            r.sched.step()
+            gpu_sync()
+            r.history["train_time_s"] += time.perf_counter() - t0
+            r.history["images"] += args.batch
+            correct = (out.detach().argmax(1) == y).sum()
+            r.pending.append((step, torch.stack([loss_sum.detach().double(),
+                                                 correct.double()])))
+        done = step + 1
+        bar.update(1)
+        if done % 10 == 0 or done == total or done % eval_every == 0:
+            for r in runs:
+                flush(r)
+            post = " ".join(f"{r.label[:5]} {r.history['loss'][-1]:.4f}" for r in runs)
+            bar.set_postfix_str(f"loss {post}")
+        if done % eval_every == 0 or done == total:
+            evaluate(done)
+            acc = " ".join(f"{r.label} {100 * r.history['eval']['acc'][-1]:.2f}%" for r in runs)
+            if is_main and not args.quiet:
+                bar.write(f"step {done}/{total}: val acc {acc}", file=sys.stderr)
+            save_checkpoint(done)
+            write_results(final=done == total)
+    bar.close()
+    if start >= total:
+        note(f"the checkpoint is already at step {start} of {total}: nothing to train")
+        if not any(r.history["eval"]["step"] for r in runs):
+            evaluate(start)
+        write_results(final=True)
+    if is_main:
+        rows = []
+        for r in runs:
+            h = r.history
+            acc = h["eval"]["acc"][-1] if h["eval"]["acc"] else float("nan")
+            ips = h["images"] / h["train_time_s"] if h["train_time_s"] else float("nan")
+            rows.append(f"  {r.label:<12} val acc {100 * acc:6.2f}%  val loss "
+                        f"{h['eval']['loss'][-1] if h['eval']['loss'] else float('nan'):.4f}  "
+                        f"train {h['train_time_s']:7.1f} s  {ips:8.1f} img/s")
+        print(f"{args.model} on {data.name}: {total} steps of {args.batch} images, {world} "
+              f"rank{'s' if world > 1 else ''} on {device.type}")
+        print("\n".join(rows))
+        print(f"wrote {json_path}" + (f", {png_path}" if png_path.exists() else "")
+              + (f", {ckpt_path}" if args.save else ""))
+    return 0
