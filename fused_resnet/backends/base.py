@@ -15,17 +15,20 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import collectives
+from .collectives import split_count
 from .conventions import acc_dtype, memory_format
 from .primitives import option_a_shortcut, option_a_shortcut_backward
 
 
 class BNGrads(NamedTuple):
-    grad_x: torch.Tensor
+    """The gradients of one BN backward (None where there is nothing to give)."""
+    grad_x: torch.Tensor                     # the BN input (pre-BN tensor z)
     grad_gamma: Optional[torch.Tensor]
     grad_beta: Optional[torch.Tensor]
-    grad_shortcut: Optional[torch.Tensor]   # identity residual, or the projection's pre-BN input
-    grad_gamma2: Optional[torch.Tensor]
-    grad_beta2: Optional[torch.Tensor]
+    grad_shortcut: Optional[torch.Tensor]    # the identity (or option-A) shortcut's input
+    grad_z_d: Optional[torch.Tensor]         # the projection's pre-BN input
+    grad_gamma_d: Optional[torch.Tensor]
+    grad_beta_d: Optional[torch.Tensor]
 
 
 class Backend:
@@ -42,13 +45,13 @@ class Backend:
     def bn_stats(self, x):
         raise NotImplementedError
 
-    def bn_apply(self, x, scale, shift, residual, x2, scale2, shift2, relu):
+    def bn_apply(self, x, scale, shift, residual, x_d, scale_d, shift_d, relu):
         raise NotImplementedError
 
-    def bn_backward_reduce(self, grad_out, out, x, mean, x2, mean2):
+    def bn_backward_reduce(self, grad_out, out, x, mean, x_d, mean_d):
         raise NotImplementedError
 
-    def bn_backward_apply(self, grad_out, out, x, mean, a, b, d, x2, mean2, a2, b2, d2,
+    def bn_backward_apply(self, grad_out, out, x, mean, a, b, d, x_d, mean_d, a_d, b_d, d_d,
                           grad_residual):
         raise NotImplementedError
 
@@ -74,6 +77,48 @@ class Backend:
             grad, x, weight, None, *conv.args, [need_x, need_w, False])
         return gx, gw
 
+    # -- the per-channel math of batch norm, on [C] vectors in the accumulation dtype --
+    @staticmethod
+    def scale_shift(bn, mean, var):
+        """y = x*scale + shift == gamma*(x - mean)*invstd + beta."""
+        var, _ = split_count(var, mean.numel())   # sync BN: var carries the global count
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.gamma is not None:
+            scale = scale * bn.gamma.to(scale.dtype)
+        shift = -mean * scale
+        if bn.beta is not None:
+            shift = shift + bn.beta.to(scale.dtype)
+        return scale, shift
+
+    @staticmethod
+    def grad_coefficients(bn, x, var, sum_g, sum_g_xmu, local_sums=None):
+        """Per-channel a, b, d of grad_x = a*g + b*(x - mean) + d, and d gamma, d beta.
+
+        With batch statistics (n values per channel):
+            grad_x = gamma*invstd * (g - sum_g/n - (x - mean)*invstd^2*sum_g_xmu/n)
+        with running statistics the mean and variance are constants: grad_x = gamma*invstd*g.
+
+        Sync BN: sum_g/sum_g_xmu are the group's, var carries the global count n as a
+        trailing element, and local_sums = this rank's (sum_g, sum_g_xmu) give d gamma and
+        d beta (DDP averages them across ranks like every other parameter gradient).
+        """
+        var, count = split_count(var, x.shape[1])
+        invstd = torch.rsqrt(var + bn.eps)
+        k = invstd * bn.gamma.to(invstd.dtype) if bn.gamma is not None else invstd
+        sum_g_param, sum_g_xmu_param = local_sums if local_sums is not None else (sum_g,
+                                                                                   sum_g_xmu)
+        if bn.use_batch_stats:
+            n = x.numel() // x.shape[1] if count is None else count
+            b = -k * invstd * invstd * sum_g_xmu / n
+            d = -k * sum_g / n
+        else:
+            b = torch.zeros_like(k)
+            d = torch.zeros_like(k)
+        grad_gamma = (sum_g_xmu_param * invstd).to(bn.gamma.dtype) if bn.gamma is not None \
+            else None
+        grad_beta = sum_g_param.to(bn.beta.dtype) if bn.beta is not None else None
+        return k, b, d, grad_gamma, grad_beta
+
     # -- block operators: forward returns what the op saves, backward the gradients --
     def stats(self, z, bn):
         """Batch statistics in training mode, running statistics otherwise."""
@@ -87,7 +132,7 @@ class Backend:
     def conv_bn_relu_forward(self, x, weight, conv, bn, relu):
         z = self.conv(x, weight, conv)
         mean, var = self.stats(z, bn)
-        scale, shift = bn.scale_shift(mean, var)
+        scale, shift = self.scale_shift(bn, mean, var)
         out = self.bn_apply(z, scale, shift, None, None, None, None, relu)
         return out, z, mean, var
 
@@ -100,14 +145,14 @@ class Backend:
 
     def bn_relu_conv_forward(self, z, weight, conv, bn, relu):
         mean, var = self.stats(z, bn)
-        scale, shift = bn.scale_shift(mean, var)
+        scale, shift = self.scale_shift(bn, mean, var)
         y = self.bn_apply(z, scale, shift, None, None, None, None, relu)
         return self.conv(y, weight, conv), mean, var
 
     def bn_relu_conv_backward(self, grad_out, z, weight, mean, var, conv, bn, relu,
                               need_z, need_w):
         # The normalised activation was not saved: recompute it for the weight gradient.
-        scale, shift = bn.scale_shift(mean, var)
+        scale, shift = self.scale_shift(bn, mean, var)
         y = self.bn_apply(z, scale, shift, None, None, None, None, relu)
         dy, dw = self.conv_backward(grad_out, y, weight, conv, True, need_w)
         g = self.bn_backward(dy, y if relu else None, z, mean, var, bn)
@@ -120,21 +165,21 @@ class Backend:
                 bn.sync, z, [self.bn_stats(z), self.bn_stats(z_d)])
         else:
             mean, var = self.stats(z, bn)
-        scale, shift = bn.scale_shift(mean, var)
+        scale, shift = self.scale_shift(bn, mean, var)
         if z_d is None:
             out = self.bn_apply(z, scale, shift, shortcut, None, None, None, relu)
             return out, mean, var, None, None
         if not (bn.synced and bn_d.synced):
             mean_d, var_d = self.stats(z_d, bn_d)
-        scale_d, shift_d = bn_d.scale_shift(mean_d, var_d)
+        scale_d, shift_d = self.scale_shift(bn_d, mean_d, var_d)
         out = self.bn_apply(z, scale, shift, None, z_d, scale_d, shift_d, relu)
         return out, mean, var, mean_d, var_d
 
     def bn_add_relu_backward(self, grad_out, out, z, mean, var, bn, has_shortcut,
                              z_d, mean_d, var_d, bn_d, relu):
         return self.bn_backward(grad_out, out if relu else None, z, mean, var, bn,
-                                grad_residual=has_shortcut, x2=z_d, mean2=mean_d,
-                                var2=var_d, bn2=bn_d)
+                                grad_residual=has_shortcut, x_d=z_d, mean_d=mean_d,
+                                var_d=var_d, bn_d=bn_d)
 
     def conv_bias_act_forward(self, x, weight, bias, residual, conv, relu):
         z = self.conv(x, weight, conv)
@@ -160,39 +205,42 @@ class Backend:
         return dx, dw, dbias, (g if need_residual else None)
 
     def bn_backward(self, grad_out, out, x, mean, var, bn, grad_residual=False,
-                    x2=None, mean2=None, var2=None, bn2=None):
+                    x_d=None, mean_d=None, var_d=None, bn_d=None):
         """BN (+ReLU mask, + identity or projected shortcut) backward: one reduction pass
         and one elementwise pass for both branches."""
-        sum_g, sum_g_xmu, sum_g_xmu2 = self.bn_backward_reduce(grad_out, out, x, mean, x2, mean2)
-        local = local2 = None
-        sync = bn.sync if bn.synced else (bn2.sync if bn2 is not None and bn2.synced else "")
+        sum_g, sum_g_xmu, sum_g_xmu_d = self.bn_backward_reduce(grad_out, out, x, mean, x_d,
+                                                                mean_d)
+        local = local_d = None
+        sync = bn.sync if bn.synced else (bn_d.sync if bn_d is not None and bn_d.synced else "")
         if sync:  # sync BN: the sums of all ranks for grad_x (one all-reduce for both BNs);
             # this rank's sums for d gamma / d beta, which DDP averages
-            local, local2 = (sum_g, sum_g_xmu), (sum_g, sum_g_xmu2)
-            sum_g, sum_g_xmu, sum_g_xmu2 = collectives.sync_sums(sync, (sum_g, sum_g_xmu,
-                                                                        sum_g_xmu2))
-        a, b, d, grad_gamma, grad_beta = bn.grad_coefficients(x, var, sum_g, sum_g_xmu, local)
-        a2 = b2 = d2 = grad_gamma2 = grad_beta2 = None
-        if x2 is not None:
-            a2, b2, d2, grad_gamma2, grad_beta2 = bn2.grad_coefficients(x2, var2, sum_g, sum_g_xmu2,
-                                                                        local2)
-        grad_x, grad_s = self.bn_backward_apply(grad_out, out, x, mean, a, b, d, x2, mean2,
-                                                a2, b2, d2, grad_residual)
-        return BNGrads(grad_x, grad_gamma, grad_beta, grad_s if grad_s.numel() else None,
-                       grad_gamma2, grad_beta2)
+            local, local_d = (sum_g, sum_g_xmu), (sum_g, sum_g_xmu_d)
+            sum_g, sum_g_xmu, sum_g_xmu_d = collectives.sync_sums(sync, (sum_g, sum_g_xmu,
+                                                                         sum_g_xmu_d))
+        a, b, d, grad_gamma, grad_beta = self.grad_coefficients(bn, x, var, sum_g, sum_g_xmu,
+                                                                local)
+        a_d = b_d = d_d = grad_gamma_d = grad_beta_d = None
+        if x_d is not None:
+            a_d, b_d, d_d, grad_gamma_d, grad_beta_d = self.grad_coefficients(
+                bn_d, x_d, var_d, sum_g, sum_g_xmu_d, local_d)
+        grad_x, grad_second = self.bn_backward_apply(grad_out, out, x, mean, a, b, d, x_d,
+                                                     mean_d, a_d, b_d, d_d, grad_residual)
+        return BNGrads(grad_x, grad_gamma, grad_beta,
+                       grad_second if grad_residual and x_d is None else None,
+                       grad_second if x_d is not None else None, grad_gamma_d, grad_beta_d)
 
     def bn_add_relu_option_a_forward(self, z, bn, shortcut, stride, relu):
         mean, var = self.stats(z, bn)
-        scale, shift = bn.scale_shift(mean, var)
+        scale, shift = self.scale_shift(bn, mean, var)
         return self.bn_apply_option_a(z, scale, shift, shortcut, stride, relu), mean, var
 
     def bn_add_relu_option_a_backward(self, grad_out, out, z, mean, var, bn, shortcut_size,
                                       stride):
         sum_g, sum_g_xmu, _ = self.bn_backward_reduce(grad_out, out, z, mean, None, None)
-        a, b, d, grad_gamma, grad_beta = bn.grad_coefficients(z, var, sum_g, sum_g_xmu)
+        a, b, d, grad_gamma, grad_beta = self.grad_coefficients(bn, z, var, sum_g, sum_g_xmu)
         grad_z, grad_s = self.bn_backward_apply_option_a(grad_out, out, z, mean, a, b, d,
                                                          list(shortcut_size), stride)
-        return BNGrads(grad_z, grad_gamma, grad_beta, grad_s, None, None)
+        return BNGrads(grad_z, grad_gamma, grad_beta, grad_s, None, None, None)
 
     def __repr__(self) -> str:
         return f"<fused_resnet backend {self.name!r}>"

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["register_process_group", "get_process_group", "sync_stats", "sync_sums",
-           "all_reduce", "WORLD"]
+           "all_reduce", "split_count", "WORLD"]
 
 WORLD = "world"   # the key of the default process group
 
@@ -130,3 +130,11 @@ def sync_sums(key: str, sums: Sequence[Tensor]) -> tuple:
     packed = torch.cat([s.reshape(-1) for s in sums])
     all_reduce(packed, group)
     return tuple(packed.split(sizes))
+
+
+def split_count(var: Tensor, c: int) -> tuple:
+    """(biased var [C], global count or None): with sync BN the op's var output has C+1
+    elements, the last being the number of values per channel over all ranks."""
+    if var.dim() == 1 and var.numel() == c + 1:
+        return var[:c], var[c]
+    return var, None

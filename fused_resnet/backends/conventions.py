@@ -16,7 +16,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def memory_format(x: Tensor) -> torch.memory_format:
     """channels_last iff x is 4-D, channels_last and not also NCHW-contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if x.dim() == 4 and not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
 

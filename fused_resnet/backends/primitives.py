@@ -26,14 +26,14 @@ def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def bn_apply(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
-             x2: Optional[Tensor], scale2: Optional[Tensor], shift2: Optional[Tensor],
+             x_d: Optional[Tensor], scale_d: Optional[Tensor], shift_d: Optional[Tensor],
              relu: bool) -> Tensor:
     nd = x.dim()
     out = x.to(scale.dtype) * per_channel(scale, nd) + per_channel(shift, nd)
     if residual is not None:
         out = out + residual.to(scale.dtype)
-    if x2 is not None:
-        out = out + x2.to(scale.dtype) * per_channel(scale2, nd) + per_channel(shift2, nd)
+    if x_d is not None:
+        out = out + x_d.to(scale.dtype) * per_channel(scale_d, nd) + per_channel(shift_d, nd)
     if relu:
         out = out.clamp_min(0)
     return out.to(x.dtype).contiguous(memory_format=memory_format(x))
@@ -49,7 +49,7 @@ def masked_grad(grad_out: Tensor, out: Optional[Tensor], acc: torch.dtype) -> Te
 
 
 def bn_backward_reduce(grad_out: Tensor, out: Optional[Tensor], x: Tensor, mean: Tensor,
-                       x2: Optional[Tensor], mean2: Optional[Tensor]
+                       x_d: Optional[Tensor], mean_d: Optional[Tensor]
                        ) -> tuple[Tensor, Tensor, Tensor]:
     acc = acc_dtype(x.dtype)
     nd = x.dim()
@@ -57,25 +57,25 @@ def bn_backward_reduce(grad_out: Tensor, out: Optional[Tensor], x: Tensor, mean:
     g = masked_grad(grad_out, out, acc)
     sum_g = g.sum(dims)
     sum_g_xmu = (g * (x.to(acc) - per_channel(mean, nd))).sum(dims)
-    if x2 is not None:
-        sum_g_xmu2 = (g * (x2.to(acc) - per_channel(mean2, nd))).sum(dims)
+    if x_d is not None:
+        sum_g_xmu_d = (g * (x_d.to(acc) - per_channel(mean_d, nd))).sum(dims)
     else:
-        sum_g_xmu2 = sum_g.new_empty(0)
-    return sum_g, sum_g_xmu, sum_g_xmu2
+        sum_g_xmu_d = sum_g.new_empty(0)
+    return sum_g, sum_g_xmu, sum_g_xmu_d
 
 
 def bn_backward_apply(grad_out: Tensor, out: Optional[Tensor], x: Tensor, mean: Tensor,
-                      a: Tensor, b: Tensor, d: Tensor, x2: Optional[Tensor],
-                      mean2: Optional[Tensor], a2: Optional[Tensor], b2: Optional[Tensor],
-                      d2: Optional[Tensor], grad_residual: bool) -> tuple[Tensor, Tensor]:
+                      a: Tensor, b: Tensor, d: Tensor, x_d: Optional[Tensor],
+                      mean_d: Optional[Tensor], a_d: Optional[Tensor], b_d: Optional[Tensor],
+                      d_d: Optional[Tensor], grad_residual: bool) -> tuple[Tensor, Tensor]:
     acc = acc_dtype(x.dtype)
     nd = x.dim()
     fmt = memory_format(x)
     g = masked_grad(grad_out, out, acc)
     pc = lambda v: per_channel(v, nd)  # noqa: E731
     grad_x = (pc(a) * g + pc(b) * (x.to(acc) - pc(mean)) + pc(d)).to(x.dtype)
-    if x2 is not None:
-        grad_s = (pc(a2) * g + pc(b2) * (x2.to(acc) - pc(mean2)) + pc(d2)).to(x.dtype)
+    if x_d is not None:
+        grad_s = (pc(a_d) * g + pc(b_d) * (x_d.to(acc) - pc(mean_d)) + pc(d_d)).to(x.dtype)
     elif grad_residual:
         grad_s = g.to(x.dtype)
     else:

@@ -252,7 +252,7 @@ class TritonBackend(Backend):
         else:
             z = kernels.conv.conv2d(x, weight, *self._geometry(conv))
             mean, var = self.stats(z, bn)
-        scale, shift = bn.scale_shift(mean, var)
+        scale, shift = self.scale_shift(bn, mean, var)
         out = self.bn_apply(z, scale, shift, None, None, None, None, relu)
         return out, z, mean, var
 
@@ -267,7 +267,7 @@ class TritonBackend(Backend):
                                                  var, conv, bn, relu, need_x, need_w)
         mask_src = out if relu else None
         sum_g, sum_g_xmu, _ = self.bn_backward_reduce(grad_out, mask_src, z, mean, None, None)
-        a, b, d, grad_gamma, grad_beta = bn.grad_coefficients(z, var, sum_g, sum_g_xmu)
+        a, b, d, grad_gamma, grad_beta = self.grad_coefficients(bn, z, var, sum_g, sum_g_xmu)
         bn_grad = (z, mask_src, mean, a, b, d)
         dx, dw = self._triton_conv_backward(grad_out, x, weight, conv, need_x, need_w,
                                             bn_grad=bn_grad)
@@ -277,7 +277,7 @@ class TritonBackend(Backend):
         if not self._triton(z, weight, conv, "bn_relu_conv"):
             return super().bn_relu_conv_forward(z, weight, conv, bn, relu)
         mean, var = self.stats(z, bn)
-        scale, shift = bn.scale_shift(mean, var)
+        scale, shift = self.scale_shift(bn, mean, var)
         out = kernels.conv.conv2d(z, weight, *self._geometry(conv), in_scale=scale,
                                   in_shift=shift, in_relu=relu)
         return out, mean, var
@@ -287,7 +287,7 @@ class TritonBackend(Backend):
         if not self._triton(z, weight, conv, "bn_relu_conv"):
             return super().bn_relu_conv_backward(grad_out, z, weight, mean, var, conv, bn,
                                                  relu, need_z, need_w)
-        scale, shift = bn.scale_shift(mean, var)
+        scale, shift = self.scale_shift(bn, mean, var)
         # dy always: the BN parameters' gradients need it even when z's is not asked for
         dy, dw = self._triton_conv_backward(grad_out, z, weight, conv, True, need_w,
                                             in_scale=scale, in_shift=shift, in_relu=relu)

@@ -16,6 +16,7 @@ and merge statistics and gradient sums over the group
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 from torch import Tensor, nn
 
@@ -30,23 +31,23 @@ def bn_tensors(bn: nn.BatchNorm2d) -> tuple:
             bn.running_var if tracked else None)
 
 
-def sync_key(bn: nn.BatchNorm2d) -> str:
-    """The process-group key of a SyncBatchNorm2d, passed to the fused ops; "" for a
-    plain nn.BatchNorm2d."""
-    return getattr(bn, "sync_group", "") if getattr(bn, "_fused_resnet_sync_bn", False) else ""
-
-
-def is_fusable_bn(m: nn.Module) -> bool:
-    """nn.BatchNorm2d, or sync BN's subclass of it (same forward math, same state_dict)."""
-    return type(m) is nn.BatchNorm2d or getattr(type(m), "_fused_resnet_sync_bn", False)
-
-
 def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, z: Tensor) -> None:
     """What training-mode BN does to its buffers, after a fused op returned the batch
     statistics of z."""
     if bn.training and bn.track_running_stats:
         ops.update_running_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked,
                                  mean, var, z.numel() // z.shape[1], bn.momentum)
+
+
+def batch_norm(z: Tensor, bn: nn.BatchNorm2d, shortcut: Optional[Tensor] = None,
+               relu: bool = False) -> Tensor:
+    """relu?(bn(z) (+ shortcut)) through the fused BN operator, then bn's running-statistics
+    update: plain batch norm when there is neither shortcut nor ReLU."""
+    out, mean, var, _, _ = ops.bn_add_relu(
+        z, *bn_tensors(bn), shortcut, None, None, None, None, None, bn.training, bn.eps,
+        bn.eps, relu, sync_key(bn))
+    update_running_stats(bn, mean, var, z)
+    return out
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -57,16 +58,9 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
     sync_group: str = WORLD
 
-    # the fused modules fuse this class as they fuse nn.BatchNorm2d
-    _fused_resnet_sync_bn = True
-
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        out, mean, var, _, _ = ops.bn_add_relu(
-            x, *bn_tensors(self), None, None, None, None, None, None,
-            self.training, self.eps, self.eps, False, self.sync_group)
-        update_running_stats(self, mean, var, x)
-        return out
+        return batch_norm(x, self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sync_group={self.sync_group!r}"
@@ -98,6 +92,17 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     return module
 
 
+def sync_key(bn: nn.BatchNorm2d) -> str:
+    """The process-group key of a SyncBatchNorm2d, passed to the fused ops; "" for a
+    plain nn.BatchNorm2d."""
+    return bn.sync_group if isinstance(bn, SyncBatchNorm2d) else ""
+
+
+def is_fusable_bn(m: nn.Module) -> bool:
+    """nn.BatchNorm2d, or sync BN's subclass of it (same forward math, same state_dict)."""
+    return type(m) in (nn.BatchNorm2d, SyncBatchNorm2d)
+
+
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """The inverse of convert_sync_batchnorm: plain nn.BatchNorm2d again (in place)."""
     for m in module.modules():
@@ -107,6 +112,6 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ = ["bn_tensors", "sync_key", "is_fusable_bn", "update_running_stats",
+__all__ = ["bn_tensors", "sync_key", "is_fusable_bn", "update_running_stats", "batch_norm",
            "SyncBatchNorm2d", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 

@@ -26,7 +26,7 @@ from .. import ops
 from ..backends.conventions import memory_format
 from ..backends.primitives import option_a_shortcut
 from .autocast import cast
-from .batch_norm import bn_tensors, is_fusable_bn, sync_key, update_running_stats
+from .batch_norm import batch_norm, bn_tensors, is_fusable_bn, sync_key, update_running_stats
 from .folding import conv_bias_act, use_folded
 from .layers import conv
 
@@ -42,16 +42,17 @@ def check_option(shortcut: Any) -> Optional[str]:
     return option
 
 
-def _bn_add_relu(z: Tensor, bn: nn.BatchNorm2d, shortcut: Optional[Tensor]) -> tuple:
-    sync = sync_key(bn)
-    extra = {"sync_group": sync} if sync else {}
-    return ops.bn_add_relu(z, *bn_tensors(bn), shortcut, None, None, None, None, None,
-                           bn.training, bn.eps, bn.eps, True, **extra)
-
-
 # --- shortcut modules ---------------------------------------------------------------------
 
-class OptionAShortcut(nn.Module):
+class FusedTailShortcut(nn.Module):
+    """A block's `downsample` that supplies the whole fused tail relu(bn(z) + shortcut(x))
+    itself (option A, no shortcut); as a plain module it computes the shortcut."""
+
+    def fused_tail(self, z: Tensor, x: Tensor, bn: nn.BatchNorm2d, dtype) -> Tensor:
+        raise NotImplementedError
+
+
+class OptionAShortcut(FusedTailShortcut):
     """Option A where a block changes dimensions: x[:, :, ::stride, ::stride] zero-padded
     from in_planes to planes channels. No parameters, no buffers."""
 
@@ -70,11 +71,10 @@ class OptionAShortcut(nn.Module):
         the shortcut is materialised and added by bn_add_relu."""
         x = cast(x, dtype)
         if sync_key(bn):
-            out, mean, var, _, _ = _bn_add_relu(z, bn, self(x).contiguous(
-                memory_format=memory_format(z)))
-        else:
-            out, mean, var = ops.bn_add_relu_option_a(z, *bn_tensors(bn), x, self.stride,
-                                                      bn.training, bn.eps, True)
+            return batch_norm(z, bn, self(x).contiguous(memory_format=memory_format(z)),
+                              relu=True)
+        out, mean, var = ops.bn_add_relu_option_a(z, *bn_tensors(bn), x, self.stride,
+                                                  bn.training, bn.eps, True)
         update_running_stats(bn, mean, var, z)
         return out
 
@@ -82,7 +82,7 @@ class OptionAShortcut(nn.Module):
         return f"{self.in_planes}, {self.planes}, stride={self.stride}"
 
 
-class NoShortcut(nn.Module):
+class NoShortcut(FusedTailShortcut):
     """The plain network's block: no shortcut. As a module it returns the zero shortcut
     (zeros of the block output's shape), so torchvision's BasicBlock.forward computes the
     plain block; the fused block adds nothing."""
@@ -98,9 +98,7 @@ class NoShortcut(nn.Module):
 
     def fused_tail(self, z: Tensor, x: Tensor, bn: nn.BatchNorm2d, dtype) -> Tensor:
         """relu(bn(z)) (training or eval mode)."""
-        out, mean, var, _, _ = _bn_add_relu(z, bn, None)
-        update_running_stats(bn, mean, var, z)
-        return out
+        return batch_norm(z, bn, relu=True)
 
     def extra_repr(self) -> str:
         return f"planes={self.planes}, stride={self.stride}"
@@ -161,14 +159,13 @@ def projection(downsample: Optional[nn.Module]) -> Optional[tuple]:
 
 def has_fused_tail(block: nn.Module) -> bool:
     """Option A / no shortcut: the downsample module supplies the block's tail."""
-    return hasattr(block.downsample, "fused_tail")
+    return isinstance(block.downsample, FusedTailShortcut)
 
 
 def block_tail(block, z: Tensor, x: Tensor, bn: nn.BatchNorm2d, dtype) -> Tensor:
-    """relu(bn(z) + shortcut(x)) in training mode."""
-    fused_tail = getattr(block.downsample, "fused_tail", None)
-    if fused_tail is not None:  # option-A / no shortcut, any mode
-        return fused_tail(z, x, bn, dtype)
+    """relu(bn(z) + shortcut(x)) (training mode, or a FusedTailShortcut in any mode)."""
+    if has_fused_tail(block):
+        return block.downsample.fused_tail(z, x, bn, dtype)
     proj = projection(block.downsample)
     if proj is not None and proj[1].training == bn.training and sync_key(proj[1]) == sync_key(bn):
         conv_d, bn_d = proj
@@ -177,13 +174,10 @@ def block_tail(block, z: Tensor, x: Tensor, bn: nn.BatchNorm2d, dtype) -> Tensor
             z, *bn_tensors(bn), None, z_d, *bn_tensors(bn_d), bn.training, bn.eps,
             bn_d.eps, True, sync_key(bn))
         update_running_stats(bn_d, mean_d, var_d, z_d)
-    else:
-        shortcut = x if block.downsample is None else block.downsample(x)
-        out, mean, var, _, _ = ops.bn_add_relu(
-            z, *bn_tensors(bn), cast(shortcut, dtype), None, None, None, None, None,
-            bn.training, bn.eps, bn.eps, True, sync_key(bn))
-    update_running_stats(bn, mean, var, z)
-    return out
+        update_running_stats(bn, mean, var, z)
+        return out
+    shortcut = x if block.downsample is None else block.downsample(x)
+    return batch_norm(z, bn, cast(shortcut, dtype), relu=True)
 
 
 def eval_shortcut(block, x: Tensor, dtype) -> Tensor:

@@ -3,8 +3,9 @@ namespace, each with a fake (meta) kernel and an autograd formula, one per file.
 
     conv_bn_relu          conv -> BN -> ReLU (the stem)               -> (out, z, mean, var)
     bn_relu_conv          BN -> ReLU -> conv (inside a block)         -> (out, mean, var)
-    bn_add_relu           BN -> + shortcut -> ReLU (the block's tail) -> (out, mean, var, mean_d, var_d)
-                          shortcut: identity tensor, or the projection's pre-BN output z_d + its BN
+    bn_add_relu           BN -> + shortcut -> ReLU (the block's tail)
+                          -> (out, mean, var, mean_d, var_d); shortcut: an identity tensor,
+                          or the projection's pre-BN output z_d and its BN
     bn_add_relu_option_a  BN -> + subsampled, zero-padded input -> ReLU (option-A shortcut)
     conv_bias_act         conv + bias (+ residual) (+ ReLU): eval mode with BN folded -> out
     update_running_stats  the running-statistics update of training-mode BN (mutating)

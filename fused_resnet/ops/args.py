@@ -1,12 +1,10 @@
-"""The arguments of one convolution and one batch norm, as the block operators see
-them, with the little per-channel math of batch norm (done on [C] vectors, in the
-accumulation dtype) in one place."""
+"""The arguments of one convolution and one batch norm, as the block operators hand
+them to a backend."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 
@@ -16,6 +14,12 @@ class ConvArgs:
     padding: tuple
     dilation: tuple
     groups: int
+
+    @classmethod
+    def of(cls, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+           groups: int) -> "ConvArgs":
+        """From an op's list arguments."""
+        return cls(tuple(stride), tuple(padding), tuple(dilation), int(groups))
 
     @property
     def args(self) -> tuple:
@@ -32,8 +36,9 @@ class BNArgs:
     running_var: Optional[Tensor]
     use_batch_stats: bool
     eps: float
-    # Sync BN (fused_resnet/backends/collectives.py): the key of the process group over which the
-    # batch statistics and the backward's sums are merged; "" = this process's batch only.
+    # Sync BN (fused_resnet/backends/collectives.py): the key of the process group over
+    # which the batch statistics and the backward's sums are merged; "" = this process's
+    # batch only.
     sync: str = ""
 
     @classmethod
@@ -55,56 +60,3 @@ class BNArgs:
     def synced(self) -> bool:
         """Sync BN with batch statistics: the statistics and gradient sums are global."""
         return bool(self.sync) and self.use_batch_stats
-
-    def invstd(self, var: Tensor) -> Tensor:
-        return torch.rsqrt(var + self.eps)
-
-    def scale_shift(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-        """y = x*scale + shift == gamma*(x - mean)*invstd + beta."""
-        var, _ = split_count(var, mean.numel())   # sync BN: var carries the global count
-        scale = self.invstd(var)
-        if self.gamma is not None:
-            scale = scale * self.gamma.to(scale.dtype)
-        shift = -mean * scale
-        if self.beta is not None:
-            shift = shift + self.beta.to(scale.dtype)
-        return scale, shift
-
-    def grad_coefficients(self, x: Tensor, var: Tensor, sum_g: Tensor, sum_g_xmu: Tensor,
-                          local_sums: Optional[tuple] = None):
-        """Per-channel a, b, d of grad_x = a*g + b*(x - mean) + d, and d gamma, d beta.
-
-        With batch statistics (n values per channel):
-            grad_x = gamma*invstd * (g - sum_g/n - (x - mean)*invstd^2*sum_g_xmu/n)
-        with running statistics the mean and variance are constants: grad_x = gamma*invstd*g.
-
-        Sync BN: sum_g/sum_g_xmu are the group's, var carries the global count n as a
-        trailing element, and local_sums = this rank's (sum_g, sum_g_xmu) give d gamma and
-        d beta (DDP averages them across ranks like every other parameter gradient).
-        """
-        var, count = split_count(var, x.shape[1])
-        invstd = self.invstd(var)
-        k = invstd * self.gamma.to(invstd.dtype) if self.gamma is not None else invstd
-        if local_sums is not None:
-            sum_g_param, sum_g_xmu_param = local_sums
-        else:
-            sum_g_param, sum_g_xmu_param = sum_g, sum_g_xmu
-        if self.use_batch_stats:
-            n = x.numel() // x.shape[1] if count is None else count
-            b = -k * invstd * invstd * sum_g_xmu / n
-            d = -k * sum_g / n
-        else:
-            b = torch.zeros_like(k)
-            d = torch.zeros_like(k)
-        grad_gamma = (sum_g_xmu_param * invstd).to(self.gamma.dtype) \
-            if self.gamma is not None else None
-        grad_beta = sum_g_param.to(self.beta.dtype) if self.beta is not None else None
-        return k, b, d, grad_gamma, grad_beta
-
-
-def split_count(var: Tensor, c: int) -> tuple:
-    """(biased var [C], global count or None): with sync BN the op's var output has C+1
-    elements, the last being the number of values per channel over all ranks."""
-    if var.dim() == 1 and var.numel() == c + 1:
-        return var[:c], var[c]
-    return var, None

@@ -11,9 +11,10 @@ from ..backends import registry
 from ..backends.conventions import acc_dtype, channel_vector, like, memory_format
 from .args import BNArgs
 from .checks import check_activation, check_bn, check_like, var_has_count
+from .registration import custom_op, gradients
 
 
-@torch.library.custom_op("fused_resnet::bn_add_relu", mutates_args=())
+@custom_op("fused_resnet::bn_add_relu", mutates_args=())
 def bn_add_relu(z: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 shortcut: Optional[Tensor], z_d: Optional[Tensor], gamma_d: Optional[Tensor],
@@ -51,7 +52,8 @@ def _(z, gamma, beta, running_mean, running_var, shortcut, z_d, gamma_d, beta_d,
     check_like(shortcut, z, "shortcut")
     check_like(z_d, z, "projection shortcut z_d")
     empty = z.new_empty(0, dtype=acc_dtype(z.dtype))
-    stats_d = (channel_vector(z), channel_vector(z, var_has_count(sync_group, training, running_mean_d))) \
+    stats_d = (channel_vector(z),
+               channel_vector(z, var_has_count(sync_group, training, running_mean_d))) \
         if z_d is not None else (empty, empty.clone())
     return (torch.empty_like(z, memory_format=memory_format(z)), channel_vector(z),
             channel_vector(z, var_has_count(sync_group, training, running_mean))) + stats_d
@@ -85,10 +87,9 @@ def _bn_add_relu_backward(ctx, grad_out, *_grad_stats):
         like(grad_out, z), out, z, mean, var, bn, ctx.has_shortcut,
         z_d, mean_d if z_d is not None else None, var_d if z_d is not None else None, bn_d,
         ctx.relu)
-    d_shortcut = g.grad_shortcut if ctx.has_shortcut else None
-    d_zd = g.grad_shortcut if z_d is not None else None
-    return (g.grad_x, g.grad_gamma, g.grad_beta, None, None, d_shortcut, d_zd, g.grad_gamma2,
-            g.grad_beta2, None, None, None, None, None, None, None)
+    return gradients("fused_resnet::bn_add_relu", z=g.grad_x, gamma=g.grad_gamma,
+                     beta=g.grad_beta, shortcut=g.grad_shortcut, z_d=g.grad_z_d,
+                     gamma_d=g.grad_gamma_d, beta_d=g.grad_beta_d)
 
 
 bn_add_relu.register_autograd(_bn_add_relu_backward, setup_context=_bn_add_relu_setup)

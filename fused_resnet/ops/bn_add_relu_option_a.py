@@ -41,6 +41,7 @@ from ..backends.conventions import channel_vector, like, memory_format
 from ..backends.primitives import option_a_out_size
 from .args import BNArgs
 from .checks import check_activation, check_bn
+from .registration import custom_op, gradients
 
 
 def _check_option_a(z: Tensor, x: Tensor, stride: int) -> None:
@@ -61,7 +62,7 @@ def _check_option_a(z: Tensor, x: Tensor, stride: int) -> None:
                            f"got {x.dtype} on {x.device}")
 
 
-@torch.library.custom_op("fused_resnet::bn_add_relu_option_a", mutates_args=())
+@custom_op("fused_resnet::bn_add_relu_option_a", mutates_args=())
 def bn_add_relu_option_a(z: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
                          running_mean: Optional[Tensor], running_var: Optional[Tensor],
                          x: Tensor, stride: int, training: bool, eps: float, relu: bool
@@ -101,8 +102,8 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
     g = ctx.backend.bn_add_relu_option_a_backward(
         like(grad_out, z), out if ctx.relu else None, z, mean, var, bn, ctx.x_size,
         ctx.stride)
-    grad_x = g.grad_shortcut if ctx.needs_input_grad[5] else None
-    return (g.grad_x, g.grad_gamma, g.grad_beta, None, None, grad_x, None, None, None, None)
+    return gradients("fused_resnet::bn_add_relu_option_a", z=g.grad_x, gamma=g.grad_gamma,
+                     beta=g.grad_beta, x=g.grad_shortcut if ctx.needs_input_grad[5] else None)
 
 
 bn_add_relu_option_a.register_autograd(_backward, setup_context=_setup)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from ..backends import registry
 from ..backends.conventions import channel_vector
 from .args import BNArgs, ConvArgs
 from .checks import check_bn, check_conv, fake_conv, var_has_count
+from .registration import custom_op, gradients
 
 
-@torch.library.custom_op("fused_resnet::bn_relu_conv", mutates_args=())
+@custom_op("fused_resnet::bn_relu_conv", mutates_args=())
 def bn_relu_conv(z: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
                  running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Tensor,
                  stride: list[int], padding: list[int], dilation: list[int], groups: int,
@@ -24,7 +24,7 @@ def bn_relu_conv(z: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
     check_conv(z, weight)
     bn = BNArgs.of(gamma, beta, running_mean, running_var, training, eps, sync_group)
     check_bn(z, bn)
-    conv = ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups)
+    conv = ConvArgs.of(stride, padding, dilation, groups)
     return registry.resolve(z.device).bn_relu_conv_forward(z, weight, conv, bn, relu)
 
 
@@ -32,8 +32,9 @@ def bn_relu_conv(z: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
 def _(z, gamma, beta, running_mean, running_var, weight, stride, padding, dilation, groups,
       training, eps, relu, sync_group=""):
     check_conv(z, weight)
-    out = fake_conv(z, weight, ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups))
-    return out, channel_vector(z), channel_vector(z, var_has_count(sync_group, training, running_mean))
+    out = fake_conv(z, weight, ConvArgs.of(stride, padding, dilation, groups))
+    return out, channel_vector(z), channel_vector(z, var_has_count(sync_group, training,
+                                                                   running_mean))
 
 
 def _bn_relu_conv_setup(ctx, inputs, output):
@@ -42,7 +43,7 @@ def _bn_relu_conv_setup(ctx, inputs, output):
     _out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.save_for_backward(z, gamma, beta, weight, mean, var)
-    ctx.conv = ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups)
+    ctx.conv = ConvArgs.of(stride, padding, dilation, groups)
     ctx.bn = BNArgs.of(None, None, running_mean, running_var, training, eps,
                         sync_group).without_tensors()
     ctx.relu = relu
@@ -55,7 +56,7 @@ def _bn_relu_conv_backward(ctx, grad_out, _grad_mean, _grad_var):
     need = ctx.needs_input_grad
     dz, dw, dgamma, dbeta = ctx.backend.bn_relu_conv_backward(
         grad_out, z, weight, mean, var, ctx.conv, bn, ctx.relu, need[0], need[5])
-    return dz, dgamma, dbeta, None, None, dw, None, None, None, None, None, None, None, None
+    return gradients("fused_resnet::bn_relu_conv", z=dz, gamma=dgamma, beta=dbeta, weight=dw)
 
 
 bn_relu_conv.register_autograd(_bn_relu_conv_backward, setup_context=_bn_relu_conv_setup)

@@ -17,18 +17,19 @@ def _bn_stats_fake(x):
     return _vec(x), _vec(x)
 
 
-def _bn_apply_fake(x, scale, shift, residual, x2, scale2, shift2, relu):
+def _bn_apply_fake(x, scale, shift, residual, x_d, scale_d, shift_d, relu):
     return torch.empty_like(x, memory_format=memory_format(x))
 
 
-def _bn_backward_reduce_fake(grad_out, out, x, mean, x2, mean2):
-    return _vec(x), _vec(x), (_vec(x) if x2 is not None else x.new_empty(0, dtype=acc_dtype(x.dtype)))
+def _bn_backward_reduce_fake(grad_out, out, x, mean, x_d, mean_d):
+    empty = x.new_empty(0, dtype=acc_dtype(x.dtype))
+    return _vec(x), _vec(x), (_vec(x) if x_d is not None else empty)
 
 
-def _bn_backward_apply_fake(grad_out, out, x, mean, a, b, d, x2, mean2, a2, b2, d2,
+def _bn_backward_apply_fake(grad_out, out, x, mean, a, b, d, x_d, mean_d, a_d, b_d, d_d,
                             grad_residual):
     grad_x = torch.empty_like(x, memory_format=memory_format(x))
-    if x2 is not None or grad_residual:
+    if x_d is not None or grad_residual:
         return grad_x, torch.empty_like(x, memory_format=memory_format(x))
     return grad_x, x.new_empty(0)
 

@@ -11,15 +11,16 @@ from ..backends import registry
 from ..backends.conventions import like
 from .args import ConvArgs
 from .checks import check_conv, check_residual, conv_out_shape, fake_conv
+from .registration import custom_op, gradients
 
 
-@torch.library.custom_op("fused_resnet::conv_bias_act", mutates_args=())
+@custom_op("fused_resnet::conv_bias_act", mutates_args=())
 def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                   stride: list[int], padding: list[int], dilation: list[int], groups: int,
                   relu: bool) -> Tensor:
     """relu?(conv(x, weight) + bias + residual): a conv with its BN folded into weight/bias."""
     check_conv(x, weight)
-    conv = ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups)
+    conv = ConvArgs.of(stride, padding, dilation, groups)
     check_residual(residual, x, conv_out_shape(x, weight, conv))
     return registry.resolve(x.device).conv_bias_act_forward(
         x, weight, bias, residual, conv, relu)
@@ -28,7 +29,7 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: O
 @conv_bias_act.register_fake
 def _(x, weight, bias, residual, stride, padding, dilation, groups, relu):
     check_conv(x, weight)
-    z = fake_conv(x, weight, ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups))
+    z = fake_conv(x, weight, ConvArgs.of(stride, padding, dilation, groups))
     check_residual(residual, x, list(z.shape))
     return torch.empty_like(z)
 
@@ -36,7 +37,7 @@ def _(x, weight, bias, residual, stride, padding, dilation, groups, relu):
 def _conv_bias_act_setup(ctx, inputs, output):
     x, weight, bias, residual, stride, padding, dilation, groups, relu = inputs
     ctx.save_for_backward(x, weight, output)
-    ctx.conv = ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups)
+    ctx.conv = ConvArgs.of(stride, padding, dilation, groups)
     ctx.relu = relu
     ctx.backend = registry.resolve(x.device)
 
@@ -47,7 +48,7 @@ def _conv_bias_act_backward(ctx, grad_out):
     dx, dw, dbias, dres = ctx.backend.conv_bias_act_backward(
         like(grad_out, out), out, x, weight, ctx.conv, ctx.relu, need[0], need[1], need[2],
         need[3])
-    return dx, dw, dbias, dres, None, None, None, None, None
+    return gradients("fused_resnet::conv_bias_act", x=dx, weight=dw, bias=dbias, residual=dres)
 
 
 conv_bias_act.register_autograd(_conv_bias_act_backward, setup_context=_conv_bias_act_setup)

@@ -10,9 +10,10 @@ from ..backends import registry
 from ..backends.conventions import channel_vector, like
 from .args import BNArgs, ConvArgs
 from .checks import check_bn, check_conv, conv_out_shape, fake_conv, var_has_count
+from .registration import custom_op, gradients
 
 
-@torch.library.custom_op("fused_resnet::conv_bn_relu", mutates_args=())
+@custom_op("fused_resnet::conv_bn_relu", mutates_args=())
 def conv_bn_relu(x: Tensor, weight: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
                  stride: list[int], padding: list[int], dilation: list[int], groups: int,
@@ -21,7 +22,7 @@ def conv_bn_relu(x: Tensor, weight: Tensor, gamma: Optional[Tensor], beta: Optio
     """relu(bn(conv(x, weight))) -> (out, z = conv output, batch mean, batch biased var).
     sync_group: sync BN's process-group key (fused_resnet/backends/collectives.py), "" = none."""
     check_conv(x, weight)
-    conv = ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups)
+    conv = ConvArgs.of(stride, padding, dilation, groups)
     bn = BNArgs.of(gamma, beta, running_mean, running_var, training, eps, sync_group)
     check_bn(x, bn, conv_out_shape(x, weight, conv))
     return registry.resolve(x.device).conv_bn_relu_forward(x, weight, conv, bn, relu)
@@ -31,8 +32,9 @@ def conv_bn_relu(x: Tensor, weight: Tensor, gamma: Optional[Tensor], beta: Optio
 def _(x, weight, gamma, beta, running_mean, running_var, stride, padding, dilation, groups,
       training, eps, relu, sync_group=""):
     check_conv(x, weight)
-    z = fake_conv(x, weight, ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups))
-    return torch.empty_like(z), z, channel_vector(z), channel_vector(z, var_has_count(sync_group, training, running_mean))
+    z = fake_conv(x, weight, ConvArgs.of(stride, padding, dilation, groups))
+    var = channel_vector(z, var_has_count(sync_group, training, running_mean))
+    return torch.empty_like(z), z, channel_vector(z), var
 
 
 def _conv_bn_relu_setup(ctx, inputs, output):
@@ -42,7 +44,7 @@ def _conv_bn_relu_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, var)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, gamma, beta, z, out, mean, var)
-    ctx.conv = ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups)
+    ctx.conv = ConvArgs.of(stride, padding, dilation, groups)
     ctx.bn = BNArgs.of(None, None, running_mean, running_var, training, eps,
                         sync_group).without_tensors()
     ctx.relu = relu
@@ -57,7 +59,7 @@ def _conv_bn_relu_backward(ctx, grad_out, grad_z, _grad_mean, _grad_var):
     dx, dw, dgamma, dbeta = ctx.backend.conv_bn_relu_backward(
         grad_out, like(grad_z, z), x, weight, z, out, mean, var, ctx.conv, bn, ctx.relu,
         need[0], need[1])
-    return dx, dw, dgamma, dbeta, None, None, None, None, None, None, None, None, None, None
+    return gradients("fused_resnet::conv_bn_relu", x=dx, weight=dw, gamma=dgamma, beta=dbeta)
 
 
 conv_bn_relu.register_autograd(_conv_bn_relu_backward, setup_context=_conv_bn_relu_setup)

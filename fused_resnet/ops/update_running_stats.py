@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
+from .registration import custom_op
 
-@torch.library.custom_op("fused_resnet::update_running_stats",
-                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+
+@custom_op("fused_resnet::update_running_stats",
+           mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
                          num_batches_tracked: Optional[Tensor], mean: Tensor, var: Tensor,
                          count: int, momentum: Optional[float]) -> None:

@@ -6,8 +6,8 @@ as the reference backend, NCHW, bf16 under the interpreter), opcheck, the statis
 epilogue's accuracy, and a tiny full ResNet against torchvision.
 
 Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by
-tests/conftest.py before fused_resnet is imported) on tiny odd shapes, fp32 and fp16, channels_last. The GPU
-section (skipped without CUDA) runs the block ops in bf16/fp16 and ResNet-50 under bf16
+tests/conftest.py before fused_resnet is imported) on tiny odd shapes, fp32 and fp16,
+channels_last. The GPU section (skipped without CUDA) runs the block ops in bf16/fp16 and ResNet-50 under bf16
 autocast against fp32.
 
 Tolerances are those of tests/test_ops.py (conftest.TOL, gradients 4x): a float64 oracle

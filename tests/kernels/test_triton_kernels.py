@@ -1,8 +1,8 @@
 """Triton implicit-GEMM conv kernels (fused_resnet/kernels/conv.py) against PyTorch float64 oracles.
 
 Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by
-tests/conftest.py before fused_resnet is imported) on tiny odd shapes (H, W, C not multiples of any tile), in
-fp32 and fp16.  The GPU section (skipped without CUDA) repeats the checks in bf16 at
+tests/conftest.py before fused_resnet is imported) on tiny odd shapes (H, W, C not
+multiples of any tile), in fp32 and fp16.  The GPU section (skipped without CUDA) repeats the checks in bf16 at
 ResNet-like sizes.
 
 Tolerances (relative error ||a - b|| / ||b|| against float64 on the same rounded inputs):
