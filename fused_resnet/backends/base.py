@@ -120,12 +120,21 @@ class Backend:
         return k, b, d, grad_gamma, grad_beta
 
     # -- block operators: forward returns what the op saves, backward the gradients --
+    def batch_stats(self, z):
+        """bn_stats, except for an empty batch: zeros, so that the output stays finite and
+        the gamma / beta gradients are zero, as eager's (the running statistics are then
+        left alone: ops.update_running_stats)."""
+        if z.numel() == 0:
+            zeros = z.new_zeros(z.shape[1], dtype=acc_dtype(z.dtype))
+            return zeros, zeros.clone()
+        return self.bn_stats(z)
+
     def stats(self, z, bn):
         """Batch statistics in training mode, running statistics otherwise."""
         if bn.synced:  # sync BN: merged over the ranks (one all-reduce); var gets the count
-            return collectives.sync_stats(bn.sync, z, [self.bn_stats(z)])
+            return collectives.sync_stats(bn.sync, z, [self.batch_stats(z)])
         if bn.use_batch_stats:
-            return self.bn_stats(z)
+            return self.batch_stats(z)
         acc = acc_dtype(z.dtype)
         return bn.running_mean.to(acc).clone(), bn.running_var.to(acc).clone()
 
@@ -162,7 +171,7 @@ class Backend:
         if z_d is not None and bn.synced and bn_d.synced:
             # sync BN: the block's and the projection's statistics in one all-reduce
             mean, var, mean_d, var_d = collectives.sync_stats(
-                bn.sync, z, [self.bn_stats(z), self.bn_stats(z_d)])
+                bn.sync, z, [self.batch_stats(z), self.batch_stats(z_d)])
         else:
             mean, var = self.stats(z, bn)
         scale, shift = self.scale_shift(bn, mean, var)

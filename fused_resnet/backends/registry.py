@@ -7,12 +7,18 @@
 
 `auto` takes, among the backends registered with an `auto_priority`, the highest one
 that can run on the tensor's device. A backend asked for by name that cannot run there
-raises BackendUnavailableError: only `auto` chooses by itself. The initial choice comes
-from the FUSED_RESNET_BACKEND environment variable (default auto).
+raises BackendUnavailableError: only `auto` chooses by itself.
+
+The choice: `use_backend` holds for its block in the current thread (or asyncio task)
+only, a context variable; outside any `use_backend`, the process default applies, which
+`set_backend` sets and which starts as the FUSED_RESNET_BACKEND environment variable
+(default auto; an unknown name there is an error that names the variable, raised when a
+backend is first needed, so that `--help` and imports still work).
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from typing import Iterator, Optional
 
@@ -21,10 +27,12 @@ import torch
 from .base import Backend
 
 AUTO = "auto"
+ENVIRONMENT_VARIABLE = "FUSED_RESNET_BACKEND"
 
 _BACKENDS: dict = {}        # name -> Backend, in registration order
 _AUTO_PRIORITY: dict = {}   # name -> priority of the backends `auto` may choose
-_current: Optional[str] = None
+_default: Optional[str] = None   # the process default; None: not yet read from the environment
+_scoped = contextvars.ContextVar("fused_resnet_backend", default=None)   # use_backend's choice
 
 
 class BackendUnavailableError(RuntimeError):
@@ -51,36 +59,43 @@ def backend_names() -> tuple:
     return (AUTO,) + tuple(_BACKENDS)
 
 
-def _validate(name: str) -> str:
+def _validate(name: str, source: str = "") -> str:
     names = backend_names()
     if not isinstance(name, str) or name.strip().lower() not in names:
-        raise ValueError(f"unknown fused_resnet backend {name!r}; expected one of {names}")
+        where = f"{source}=" if source else ""
+        raise ValueError(f"unknown fused_resnet backend {where}{name!r}; expected one of {names}")
     return name.strip().lower()
 
 
+def _process_default() -> str:
+    global _default
+    if _default is None:
+        _default = _validate(os.environ.get(ENVIRONMENT_VARIABLE, AUTO) or AUTO,
+                             ENVIRONMENT_VARIABLE)
+    return _default
+
+
 def get_backend() -> str:
-    """The current choice ("auto" or a backend name)."""
-    global _current
-    if _current is None:
-        _current = _validate(os.environ.get("FUSED_RESNET_BACKEND", AUTO) or AUTO)
-    return _current
+    """The current choice ("auto" or a backend name): the innermost `use_backend` of this
+    thread / task, else the process default."""
+    return _scoped.get() or _process_default()
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for every fused operator called from now on."""
-    global _current
-    _current = _validate(name)
+    """Select the process-wide default backend (what applies outside `use_backend`)."""
+    global _default
+    _default = _validate(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """`with fused_resnet.use_backend("cpu"): ...` selects a backend for a block."""
-    global _current
-    previous, _current = get_backend(), _validate(name)
+    """`with fused_resnet.use_backend("cpu"): ...` selects a backend for a block, in this
+    thread (or asyncio task) only."""
+    token = _scoped.set(_validate(name))
     try:
         yield
     finally:
-        _current = previous
+        _scoped.reset(token)
 
 
 def get(name: str) -> Backend:

@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..nn import check_option, make_shortcut, stem
+from ..nn import (check_fusable, check_option, functorch_active, make_shortcut, refuse_scripting,
+                  stem)
 from .resnet import BasicBlock, load_weights
 
 __all__ = ["CifarResNet", "cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56",
@@ -67,9 +68,16 @@ class CifarResNet(nn.Module):
             self.inplanes = planes
         return nn.Sequential(*layers)
 
+    __prepare_scriptable__ = refuse_scripting
+
     def forward(self, x: Tensor) -> Tensor:
-        # the stem: conv_bn_relu (training) / conv_bias_act (eval), as the ImageNet models
-        x = self.layer3(self.layer2(self.layer1(stem(x, self.conv1, self.bn1))))
+        if functorch_active(x, self.conv1.weight):   # torch.func: the plain modules
+            x = self.relu(self.bn1(self.conv1(x)))
+        else:
+            # the stem: conv_bn_relu (training) / conv_bias_act (eval), as the ImageNet models
+            check_fusable(self)
+            x = stem(x, self.conv1, self.bn1)
+        x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 

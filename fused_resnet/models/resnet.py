@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv
 
-from ..nn import (autocast_dtype, bn_relu_conv, block_tail, cast, check_input, clear_fold_cache,
-                  conv, conv_bias_act, eval_shortcut, has_fused_tail, is_fusable_bn,
-                  set_shortcuts, stem, use_folded)
+from ..nn import (autocast_dtype, bn_relu_conv, block_tail, cast, check_fusable, check_input,
+                  conv, conv_bias_act, eval_shortcut, functorch_active, has_fused_tail,
+                  refuse_scripting, set_shortcuts, stem, use_folded)
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "convert", "to_torchvision", "resnet18",
            "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
@@ -42,7 +42,12 @@ __all__ = ["ResNet", "BasicBlock", "Bottleneck", "convert", "to_torchvision", "r
 class BasicBlock(tv.BasicBlock):
     """torchvision's BasicBlock (same submodules and state_dict) on fused operators."""
 
+    __prepare_scriptable__ = refuse_scripting
+
     def forward(self, x: Tensor) -> Tensor:
+        if functorch_active(x, self.conv1.weight):
+            return super().forward(x)
+        check_fusable(self)
         check_input(x)
         dtype = autocast_dtype(x)
         x = cast(x, dtype)
@@ -60,7 +65,12 @@ class BasicBlock(tv.BasicBlock):
 class Bottleneck(tv.Bottleneck):
     """torchvision's Bottleneck (same submodules and state_dict) on fused operators."""
 
+    __prepare_scriptable__ = refuse_scripting
+
     def forward(self, x: Tensor) -> Tensor:
+        if functorch_active(x, self.conv1.weight):
+            return super().forward(x)
+        check_fusable(self)
         check_input(x)
         dtype = autocast_dtype(x)
         x = cast(x, dtype)
@@ -92,7 +102,12 @@ class ResNet(tv.ResNet):
         super().__init__(block, layers, num_classes, zero_init_residual, groups, width_per_group,
                          replace_stride_with_dilation, norm_layer)
 
+    __prepare_scriptable__ = refuse_scripting
+
     def _forward_impl(self, x: Tensor) -> Tensor:
+        if functorch_active(x, self.conv1.weight):
+            return super()._forward_impl(x)
+        check_fusable(self)
         x = self.maxpool(stem(x, self.conv1, self.bn1))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(self.avgpool(x), 1)
@@ -102,22 +117,6 @@ class ResNet(tv.ResNet):
 # --- conversion -----------------------------------------------------------------------------
 
 _FUSED_CLASS = {tv.BasicBlock: BasicBlock, tv.Bottleneck: Bottleneck, tv.ResNet: ResNet}
-
-
-def _check_convertible(block: nn.Module) -> None:
-    for name in ("conv1", "conv2", "conv3"):
-        layer = getattr(block, name, None)
-        if layer is None:
-            continue
-        if type(layer) is not nn.Conv2d or layer.bias is not None \
-                or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            raise ValueError(f"cannot fuse {type(block).__name__}.{name}: expected a bias-free "
-                             f"nn.Conv2d with zero, numeric padding, got {layer!r}")
-    for name in ("bn1", "bn2", "bn3"):
-        bn = getattr(block, name, None)
-        if bn is not None and not is_fusable_bn(bn):
-            raise ValueError(f"cannot fuse {type(block).__name__}.{name}: expected "
-                             f"nn.BatchNorm2d, got {type(bn).__name__}")
 
 
 def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -136,7 +135,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
         fused = _FUSED_CLASS.get(type(module))
         if fused is None:
             continue
-        _check_convertible(module)
+        check_fusable(module)
         module.__class__ = fused
         found = True
     if not found and not isinstance(model, (BasicBlock, Bottleneck, ResNet)):
@@ -151,7 +150,6 @@ def to_torchvision(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     back = {v: k for k, v in _FUSED_CLASS.items()}
     for module in model.modules():
-        clear_fold_cache(module)
         if type(module) in back:
             module.__class__ = back[type(module)]
     return model

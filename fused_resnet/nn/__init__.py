@@ -6,7 +6,8 @@ block's fused tail (shortcuts.py)."""
 from .autocast import autocast_dtype, cast
 from .batch_norm import (SyncBatchNorm2d, batch_norm, bn_tensors, convert_sync_batchnorm,
                          is_fusable_bn, revert_sync_batchnorm, sync_key, update_running_stats)
-from .folding import clear_fold_cache, conv_bias_act, folded, use_folded
+from .folding import conv_bias_act, folded, use_folded
+from .fusable import check_fusable, functorch_active, refuse_scripting
 from .layers import bn_relu_conv, check_input, conv, conv_args
 from .shortcuts import (SHORTCUT_OPTIONS, FusedTailShortcut, NoShortcut, OptionAShortcut,
                         block_tail, check_option, eval_shortcut, has_fused_tail, make_shortcut,
@@ -15,7 +16,8 @@ from .stem import stem
 
 __all__ = ["autocast_dtype", "cast", "SyncBatchNorm2d", "batch_norm", "bn_tensors",
            "convert_sync_batchnorm", "is_fusable_bn", "revert_sync_batchnorm", "sync_key",
-           "update_running_stats", "clear_fold_cache", "conv_bias_act", "folded", "use_folded",
+           "update_running_stats", "conv_bias_act", "check_fusable", "functorch_active",
+           "refuse_scripting", "folded", "use_folded",
            "bn_relu_conv", "check_input", "conv", "conv_args", "SHORTCUT_OPTIONS",
            "FusedTailShortcut", "NoShortcut", "OptionAShortcut", "block_tail", "check_option",
            "eval_shortcut", "has_fused_tail", "make_shortcut", "projection", "set_shortcuts",

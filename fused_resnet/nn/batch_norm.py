@@ -35,8 +35,9 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, z: Tenso
     """What training-mode BN does to its buffers, after a fused op returned the batch
     statistics of z."""
     if bn.training and bn.track_running_stats:
+        count = z.numel() // z.shape[1] if z.shape[1] else 0
         ops.update_running_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                                 mean, var, z.numel() // z.shape[1], bn.momentum)
+                                 mean, var, count, bn.momentum)
 
 
 def batch_norm(z: Tensor, bn: nn.BatchNorm2d, shortcut: Optional[Tensor] = None,

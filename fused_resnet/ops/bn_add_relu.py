@@ -11,7 +11,7 @@ from ..backends import registry
 from ..backends.conventions import acc_dtype, channel_vector, like, memory_format
 from .args import BNArgs
 from .checks import check_activation, check_bn, check_like, var_has_count
-from .registration import custom_op, gradients
+from .registration import custom_op, gradients, register_autograd
 
 
 @custom_op("fused_resnet::bn_add_relu", mutates_args=())
@@ -92,4 +92,4 @@ def _bn_add_relu_backward(ctx, grad_out, *_grad_stats):
                      gamma_d=g.grad_gamma_d, beta_d=g.grad_beta_d)
 
 
-bn_add_relu.register_autograd(_bn_add_relu_backward, setup_context=_bn_add_relu_setup)
+register_autograd(bn_add_relu, _bn_add_relu_backward, setup_context=_bn_add_relu_setup)

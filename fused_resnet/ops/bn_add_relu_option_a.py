@@ -41,7 +41,7 @@ from ..backends.conventions import channel_vector, like, memory_format
 from ..backends.primitives import option_a_out_size
 from .args import BNArgs
 from .checks import check_activation, check_bn
-from .registration import custom_op, gradients
+from .registration import custom_op, gradients, register_autograd
 
 
 def _check_option_a(z: Tensor, x: Tensor, stride: int) -> None:
@@ -106,5 +106,5 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
                      beta=g.grad_beta, x=g.grad_shortcut if ctx.needs_input_grad[5] else None)
 
 
-bn_add_relu_option_a.register_autograd(_backward, setup_context=_setup)
+register_autograd(bn_add_relu_option_a, _backward, setup_context=_setup)
 

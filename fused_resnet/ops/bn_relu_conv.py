@@ -10,7 +10,7 @@ from ..backends import registry
 from ..backends.conventions import channel_vector
 from .args import BNArgs, ConvArgs
 from .checks import check_bn, check_conv, fake_conv, var_has_count
-from .registration import custom_op, gradients
+from .registration import custom_op, gradients, register_autograd
 
 
 @custom_op("fused_resnet::bn_relu_conv", mutates_args=())
@@ -59,4 +59,4 @@ def _bn_relu_conv_backward(ctx, grad_out, _grad_mean, _grad_var):
     return gradients("fused_resnet::bn_relu_conv", z=dz, gamma=dgamma, beta=dbeta, weight=dw)
 
 
-bn_relu_conv.register_autograd(_bn_relu_conv_backward, setup_context=_bn_relu_conv_setup)
+register_autograd(bn_relu_conv, _bn_relu_conv_backward, setup_context=_bn_relu_conv_setup)

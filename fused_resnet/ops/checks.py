@@ -77,15 +77,25 @@ def check_bn(z: Tensor, bn: BNArgs, shape: Optional[list] = None) -> None:
                                f"got {t.dtype} on {t.device}")
     if (bn.running_mean is None) != (bn.running_var is None):
         raise RuntimeError("running_mean and running_var must both be given or both be None")
+    check_eps(bn.eps, bn.use_batch_stats)
     check_batch_size(shape, bn)
 
 
+def check_eps(eps: float, batch_stats: bool) -> None:
+    """Eager batch norm's checks: eps > 0 with batch statistics, eps >= 0 otherwise."""
+    if batch_stats and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def check_batch_size(shape: list, bn: BNArgs) -> None:
-    """The error eager batch norm gives for one value per channel in training."""
+    """The error eager batch norm gives for one value per channel in training (none, an
+    empty batch, is allowed, as in eager)."""
     values = 1
     for i, s in enumerate(shape):
         values *= s if i != 1 else 1
-    if bn.use_batch_stats and values <= 1 and not bn.sync:   # sync BN: the global count counts
+    if bn.use_batch_stats and values == 1 and not bn.sync:   # sync BN: the global count counts
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {list(shape)}")
 

@@ -11,7 +11,7 @@ from ..backends import registry
 from ..backends.conventions import like
 from .args import ConvArgs
 from .checks import check_conv, check_residual, conv_out_shape, fake_conv
-from .registration import custom_op, gradients
+from .registration import custom_op, gradients, register_autograd
 
 
 @custom_op("fused_resnet::conv_bias_act", mutates_args=())
@@ -51,4 +51,4 @@ def _conv_bias_act_backward(ctx, grad_out):
     return gradients("fused_resnet::conv_bias_act", x=dx, weight=dw, bias=dbias, residual=dres)
 
 
-conv_bias_act.register_autograd(_conv_bias_act_backward, setup_context=_conv_bias_act_setup)
+register_autograd(conv_bias_act, _conv_bias_act_backward, setup_context=_conv_bias_act_setup)

@@ -10,7 +10,7 @@ from ..backends import registry
 from ..backends.conventions import channel_vector, like
 from .args import BNArgs, ConvArgs
 from .checks import check_bn, check_conv, conv_out_shape, fake_conv, var_has_count
-from .registration import custom_op, gradients
+from .registration import custom_op, gradients, register_autograd
 
 
 @custom_op("fused_resnet::conv_bn_relu", mutates_args=())
@@ -62,4 +62,4 @@ def _conv_bn_relu_backward(ctx, grad_out, grad_z, _grad_mean, _grad_var):
     return gradients("fused_resnet::conv_bn_relu", x=dx, weight=dw, gamma=dgamma, beta=dbeta)
 
 
-conv_bn_relu.register_autograd(_conv_bn_relu_backward, setup_context=_conv_bn_relu_setup)
+register_autograd(conv_bn_relu, _conv_bn_relu_backward, setup_context=_conv_bn_relu_setup)

@@ -21,20 +21,22 @@ def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[T
     then replaces `count` (fused_resnet/backends/collectives.py)."""
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    if running_mean is None:
+    synced = var.dim() == 1 and var.numel() == mean.numel() + 1
+    if running_mean is None or (count == 0 and not synced):   # an empty batch: counted only
         return
-    if momentum is None:
-        factor = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
+    if momentum is None:   # the cumulative average, 1 / num_batches_tracked (no host sync)
+        factor = num_batches_tracked.to(running_mean.dtype).reciprocal() \
+            if num_batches_tracked is not None else 0.0
     else:
         factor = momentum
-    if var.dim() == 1 and var.numel() == mean.numel() + 1:
+    if synced:
         # sync BN (fused_resnet/backends/collectives.py): var carries the global count as a tensor
         var, n = var[:-1], var[-1]
         unbiased = var * (n / (n - 1).clamp_min(1))
     else:
         unbiased = var * (count / max(count - 1, 1))
-    running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-    running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+    running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype) * factor)
+    running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype) * factor)
 
 
 @update_running_stats.register_fake

@@ -225,3 +225,19 @@ def test_nan_propagates_like_eager(backend):
     out.sum().backward()
     ref.sum().backward()
     assert torch.equal(z1.grad.isnan(), z2.grad.isnan())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_double_backward_is_refused(backend, name):
+    """create_graph=True gives the same first-order gradients; differentiating them
+    again raises a clear error instead of silently dropping the second-order terms."""
+    args = clone_args(CASES[name](torch.float64, torch.channels_last))
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    out = as_tuple(getattr(ops, name)(*args))[0]
+    weight = torch.randn(out.shape, dtype=torch.float64)
+    plain = torch.autograd.grad((out * weight).sum(), inputs, retain_graph=True)
+    graphed = torch.autograd.grad((out * weight).sum(), inputs, create_graph=True)
+    for a, b in zip(graphed, plain):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        sum(g.square().sum() for g in graphed).backward()
