@@ -1,12 +1,20 @@
 """The block math, written once on top of the primitives.
 
-A backend runs the four primitives (csrc/ops.cpp) and the two option-A primitives
+A backend runs the primitives (csrc/ops.cpp) and the two option-A primitives
 (csrc/option_a.cpp); `Backend` turns them into the forward and backward of every block
 operator (convolutions through ATen, so cuDNN on a GPU). A backend with its own
 convolutions (Triton) overrides the block methods it fuses further. The contract a new
 backend fulfils: backends/README.md.
 
-Per-channel tensors (mean, var, coefficients) are in the accumulation dtype.
+Four passes over a tensor are required (bn_stats, bn_apply, bn_backward_reduce,
+bn_backward_apply). The per-channel steps - the finish steps that turn statistics into
+scale / shift and gradient sums into coefficients, and the running-statistics update -
+have composite defaults here in a few PyTorch ops; a backend with kernels for them
+(bn_stats_affine, bn_scale_shift, bn_backward_coefficients, bn_update_running_stats)
+overrides them, so that a training step launches no more kernels than eager's.
+
+Per-channel tensors (mean, var, coefficients) are in the accumulation dtype. Nothing
+here reads a tensor back to the host: a step stays CUDA-graph capturable.
 """
 from __future__ import annotations
 
@@ -14,9 +22,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import collectives
+from . import collectives, primitives
 from .collectives import split_count
-from .conventions import acc_dtype, memory_format
+from .conventions import acc_dtype, memory_format, reduce_dims
 from .primitives import option_a_shortcut, option_a_shortcut_backward
 
 
@@ -31,6 +39,18 @@ class BNGrads(NamedTuple):
     grad_beta_d: Optional[torch.Tensor]
 
 
+class Stats(NamedTuple):
+    """What a BN forward uses: the statistics and the scale / shift they give."""
+    mean: torch.Tensor
+    var: torch.Tensor        # sync BN: C+1 elements, the last the global count
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+def _param_grad(row: torch.Tensor, param: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if param is None else row.to(param.dtype)
+
+
 class Backend:
     """A backend runs the primitives; the block operators below are written once on top
     of them. Subclasses set `name` and implement the primitives and `unavailable_reason`."""
@@ -41,7 +61,7 @@ class Backend:
         """Why this backend cannot run on `device` (None when it can)."""
         raise NotImplementedError
 
-    # -- the four primitives (schemas and math: csrc/ops.cpp) --
+    # -- the four passes (schemas and math: csrc/ops.cpp) --
     def bn_stats(self, x):
         raise NotImplementedError
 
@@ -54,6 +74,32 @@ class Backend:
     def bn_backward_apply(self, grad_out, out, x, mean, a, b, d, x_d, mean_d, a_d, b_d, d_d,
                           grad_residual):
         raise NotImplementedError
+
+    # -- the per-channel steps: composite defaults, kernels where a backend has them --
+    def bn_scale_shift(self, mean, var, gamma, beta, eps):
+        return primitives.bn_scale_shift(mean, var, gamma, beta, eps)
+
+    def bn_stats_affine(self, x, gamma, beta, eps):
+        mean, var = self.bn_stats(x)
+        return (mean, var) + tuple(self.bn_scale_shift(mean, var, gamma, beta, eps))
+
+    def bn_backward_coefficients(self, grad_out, out, x, mean, var, gamma, eps,
+                                 use_batch_stats, x_d, mean_d, var_d, gamma_d, eps_d):
+        sum_g, sum_g_xmu, sum_g_xmu_d = self.bn_backward_reduce(grad_out, out, x, mean, x_d,
+                                                                mean_d)
+        count = x.numel() // x.shape[1] if x.shape[1] else 0
+        coef = primitives.grad_coefficients(sum_g, sum_g_xmu, var, gamma, eps, count,
+                                            use_batch_stats)
+        if x_d is None:
+            return coef, coef.new_empty(0)
+        return coef, primitives.grad_coefficients(sum_g, sum_g_xmu_d, var_d, gamma_d, eps_d,
+                                                  count, use_batch_stats)
+
+    def bn_update_running_stats(self, running_means, running_vars, num_batches_tracked, means,
+                                variances, counts, momenta, cumulative):
+        for layer in zip(running_means, running_vars, num_batches_tracked, means, variances,
+                         counts, momenta, cumulative):
+            primitives.bn_update_running_stats(*layer)
 
     # -- the option-A primitives (csrc/option_a.cpp). By default the common primitives
     # with the shortcut (and its gradient) materialised; backends with kernels fuse them.
@@ -69,81 +115,56 @@ class Backend:
         return grad_x, option_a_shortcut_backward(g, shortcut_size, stride)
 
     # -- convolution --
-    def conv(self, x, weight, conv):
-        return torch.ops.aten.convolution(x, weight, None, *conv.args)
+    def conv(self, x, weight, conv, bias=None):
+        return torch.ops.aten.convolution(x, weight, bias, *conv.args)
 
     def conv_backward(self, grad, x, weight, conv, need_x, need_w):
         gx, gw, _ = torch.ops.aten.convolution_backward(
             grad, x, weight, None, *conv.args, [need_x, need_w, False])
         return gx, gw
 
-    # -- the per-channel math of batch norm, on [C] vectors in the accumulation dtype --
-    @staticmethod
-    def scale_shift(bn, mean, var):
-        """y = x*scale + shift == gamma*(x - mean)*invstd + beta."""
-        var, _ = split_count(var, mean.numel())   # sync BN: var carries the global count
-        scale = torch.rsqrt(var + bn.eps)
-        if bn.gamma is not None:
-            scale = scale * bn.gamma.to(scale.dtype)
-        shift = -mean * scale
-        if bn.beta is not None:
-            shift = shift + bn.beta.to(scale.dtype)
-        return scale, shift
+    # -- batch statistics --
+    def stats(self, z, bn) -> Stats:
+        """Batch statistics in training mode (of the whole process group with sync BN),
+        running statistics otherwise; with the scale / shift they give."""
+        if bn.synced:  # merged over the ranks (one all-reduce); var gets the count
+            mean, var = collectives.sync_stats(bn.sync, z, [self.bn_stats(z)])
+            return Stats(mean, var, *self.bn_scale_shift(mean, split_count(var, z.shape[1])[0],
+                                                         bn.gamma, bn.beta, bn.eps))
+        if not bn.use_batch_stats:
+            acc = acc_dtype(z.dtype)
+            mean, var = bn.running_mean.to(acc).clone(), bn.running_var.to(acc).clone()
+            return Stats(mean, var, *self.bn_scale_shift(mean, var, bn.gamma, bn.beta, bn.eps))
+        if z.numel() == 0:
+            # an empty batch: zero statistics keep the output finite and the gamma / beta
+            # gradients zero, as eager's (the running statistics are left alone)
+            mean, var = (z.new_zeros(z.shape[1], dtype=acc_dtype(z.dtype)) for _ in range(2))
+            return Stats(mean, var, *self.bn_scale_shift(mean, var, bn.gamma, bn.beta, bn.eps))
+        return Stats(*self.bn_stats_affine(z, bn.gamma, bn.beta, bn.eps))
 
-    @staticmethod
-    def grad_coefficients(bn, x, var, sum_g, sum_g_xmu, local_sums=None):
-        """Per-channel a, b, d of grad_x = a*g + b*(x - mean) + d, and d gamma, d beta.
+    def projection_stats(self, z, bn, z_d, bn_d) -> tuple:
+        """The statistics of a block's BN and of its projection shortcut's BN; with sync BN
+        merged in one all-reduce."""
+        if not (bn.synced and bn_d.synced):
+            return self.stats(z, bn), self.stats(z_d, bn_d)
+        mean, var, mean_d, var_d = collectives.sync_stats(
+            bn.sync, z, [self.bn_stats(z), self.bn_stats(z_d)])
+        c = z.shape[1]
+        return (Stats(mean, var, *self.bn_scale_shift(mean, split_count(var, c)[0], bn.gamma,
+                                                      bn.beta, bn.eps)),
+                Stats(mean_d, var_d, *self.bn_scale_shift(mean_d, split_count(var_d, c)[0],
+                                                          bn_d.gamma, bn_d.beta, bn_d.eps)))
 
-        With batch statistics (n values per channel):
-            grad_x = gamma*invstd * (g - sum_g/n - (x - mean)*invstd^2*sum_g_xmu/n)
-        with running statistics the mean and variance are constants: grad_x = gamma*invstd*g.
-
-        Sync BN: sum_g/sum_g_xmu are the group's, var carries the global count n as a
-        trailing element, and local_sums = this rank's (sum_g, sum_g_xmu) give d gamma and
-        d beta (DDP averages them across ranks like every other parameter gradient).
-        """
-        var, count = split_count(var, x.shape[1])
-        invstd = torch.rsqrt(var + bn.eps)
-        k = invstd * bn.gamma.to(invstd.dtype) if bn.gamma is not None else invstd
-        sum_g_param, sum_g_xmu_param = local_sums if local_sums is not None else (sum_g,
-                                                                                   sum_g_xmu)
-        if bn.use_batch_stats:
-            n = x.numel() // x.shape[1] if count is None else count
-            b = -k * invstd * invstd * sum_g_xmu / n
-            d = -k * sum_g / n
-        else:
-            b = torch.zeros_like(k)
-            d = torch.zeros_like(k)
-        grad_gamma = (sum_g_xmu_param * invstd).to(bn.gamma.dtype) if bn.gamma is not None \
-            else None
-        grad_beta = sum_g_param.to(bn.beta.dtype) if bn.beta is not None else None
-        return k, b, d, grad_gamma, grad_beta
+    def update_running_stats(self, *lists):
+        """What training-mode BN does to the buffers of several layers (ops.update_running_stats)."""
+        self.bn_update_running_stats(*lists)
 
     # -- block operators: forward returns what the op saves, backward the gradients --
-    def batch_stats(self, z):
-        """bn_stats, except for an empty batch: zeros, so that the output stays finite and
-        the gamma / beta gradients are zero, as eager's (the running statistics are then
-        left alone: ops.update_running_stats)."""
-        if z.numel() == 0:
-            zeros = z.new_zeros(z.shape[1], dtype=acc_dtype(z.dtype))
-            return zeros, zeros.clone()
-        return self.bn_stats(z)
-
-    def stats(self, z, bn):
-        """Batch statistics in training mode, running statistics otherwise."""
-        if bn.synced:  # sync BN: merged over the ranks (one all-reduce); var gets the count
-            return collectives.sync_stats(bn.sync, z, [self.batch_stats(z)])
-        if bn.use_batch_stats:
-            return self.batch_stats(z)
-        acc = acc_dtype(z.dtype)
-        return bn.running_mean.to(acc).clone(), bn.running_var.to(acc).clone()
-
     def conv_bn_relu_forward(self, x, weight, conv, bn, relu):
         z = self.conv(x, weight, conv)
-        mean, var = self.stats(z, bn)
-        scale, shift = self.scale_shift(bn, mean, var)
-        out = self.bn_apply(z, scale, shift, None, None, None, None, relu)
-        return out, z, mean, var
+        s = self.stats(z, bn)
+        out = self.bn_apply(z, s.scale, s.shift, None, None, None, None, relu)
+        return out, z, s.mean, s.var
 
     def conv_bn_relu_backward(self, grad_out, grad_z, x, weight, z, out, mean, var, conv, bn,
                               relu, need_x, need_w):
@@ -153,36 +174,26 @@ class Backend:
         return dx, dw, g.grad_gamma, g.grad_beta
 
     def bn_relu_conv_forward(self, z, weight, conv, bn, relu):
-        mean, var = self.stats(z, bn)
-        scale, shift = self.scale_shift(bn, mean, var)
-        y = self.bn_apply(z, scale, shift, None, None, None, None, relu)
-        return self.conv(y, weight, conv), mean, var
+        s = self.stats(z, bn)
+        y = self.bn_apply(z, s.scale, s.shift, None, None, None, None, relu)
+        return self.conv(y, weight, conv), s.mean, s.var, s.scale, s.shift
 
-    def bn_relu_conv_backward(self, grad_out, z, weight, mean, var, conv, bn, relu,
-                              need_z, need_w):
+    def bn_relu_conv_backward(self, grad_out, z, weight, mean, var, scale, shift, conv, bn,
+                              relu, need_z, need_w):
         # The normalised activation was not saved: recompute it for the weight gradient.
-        scale, shift = self.scale_shift(bn, mean, var)
         y = self.bn_apply(z, scale, shift, None, None, None, None, relu)
         dy, dw = self.conv_backward(grad_out, y, weight, conv, True, need_w)
         g = self.bn_backward(dy, y if relu else None, z, mean, var, bn)
         return g.grad_x, dw, g.grad_gamma, g.grad_beta
 
     def bn_add_relu_forward(self, z, bn, shortcut, z_d, bn_d, relu):
-        if z_d is not None and bn.synced and bn_d.synced:
-            # sync BN: the block's and the projection's statistics in one all-reduce
-            mean, var, mean_d, var_d = collectives.sync_stats(
-                bn.sync, z, [self.batch_stats(z), self.batch_stats(z_d)])
-        else:
-            mean, var = self.stats(z, bn)
-        scale, shift = self.scale_shift(bn, mean, var)
         if z_d is None:
-            out = self.bn_apply(z, scale, shift, shortcut, None, None, None, relu)
-            return out, mean, var, None, None
-        if not (bn.synced and bn_d.synced):
-            mean_d, var_d = self.stats(z_d, bn_d)
-        scale_d, shift_d = self.scale_shift(bn_d, mean_d, var_d)
-        out = self.bn_apply(z, scale, shift, None, z_d, scale_d, shift_d, relu)
-        return out, mean, var, mean_d, var_d
+            s = self.stats(z, bn)
+            out = self.bn_apply(z, s.scale, s.shift, shortcut, None, None, None, relu)
+            return out, s.mean, s.var, None, None
+        s, s_d = self.projection_stats(z, bn, z_d, bn_d)
+        out = self.bn_apply(z, s.scale, s.shift, None, z_d, s_d.scale, s_d.shift, relu)
+        return out, s.mean, s.var, s_d.mean, s_d.var
 
     def bn_add_relu_backward(self, grad_out, out, z, mean, var, bn, has_shortcut,
                              z_d, mean_d, var_d, bn_d, relu):
@@ -191,65 +202,80 @@ class Backend:
                                 var_d=var_d, bn_d=bn_d)
 
     def conv_bias_act_forward(self, x, weight, bias, residual, conv, relu):
-        z = self.conv(x, weight, conv)
-        acc = acc_dtype(z.dtype)
-        ones = torch.ones(z.shape[1], dtype=acc, device=z.device)
-        shift = bias.to(acc) if bias is not None else torch.zeros_like(ones)
+        out = self.conv(x, weight, conv, bias)   # the bias in the convolution itself
         if residual is not None:
-            residual = residual.contiguous(memory_format=memory_format(z))
-        return self.bn_apply(z, ones, shift, residual, None, None, None, relu)
+            out = out.add_(residual)
+        return out.relu_() if relu else out
 
     def conv_bias_act_backward(self, grad_out, out, x, weight, conv, relu, need_x, need_w,
                                need_bias, need_residual):
-        mask_src = out if relu else None
-        acc = acc_dtype(out.dtype)
-        c = out.shape[1]
-        ones = torch.ones(c, dtype=acc, device=out.device)
-        zeros = torch.zeros(c, dtype=acc, device=out.device)
-        g, _ = self.bn_backward_apply(grad_out, mask_src, out, zeros, ones, zeros, zeros,
-                                      None, None, None, None, None, False)
-        dbias = self.bn_backward_reduce(grad_out, mask_src, out, zeros, None, None)[0] \
-            if need_bias else None
+        # ReLU's backward as eager's: zero where out <= 0 (a NaN output passes its gradient)
+        g = torch.ops.aten.threshold_backward(grad_out, out, 0) if relu else grad_out
+        dbias = g.sum(reduce_dims(g), dtype=acc_dtype(g.dtype)) if need_bias else None
         dx, dw = self.conv_backward(g, x, weight, conv, need_x, need_w)
         return dx, dw, dbias, (g if need_residual else None)
 
     def bn_backward(self, grad_out, out, x, mean, var, bn, grad_residual=False,
                     x_d=None, mean_d=None, var_d=None, bn_d=None):
         """BN (+ReLU mask, + identity or projected shortcut) backward: one reduction pass
-        and one elementwise pass for both branches."""
-        sum_g, sum_g_xmu, sum_g_xmu_d = self.bn_backward_reduce(grad_out, out, x, mean, x_d,
-                                                                mean_d)
-        local = local_d = None
+        (with the per-channel finish step) and one elementwise pass for both branches."""
         sync = bn.sync if bn.synced else (bn_d.sync if bn_d is not None and bn_d.synced else "")
-        if sync:  # sync BN: the sums of all ranks for grad_x (one all-reduce for both BNs);
-            # this rank's sums for d gamma / d beta, which DDP averages
-            local, local_d = (sum_g, sum_g_xmu), (sum_g, sum_g_xmu_d)
-            sum_g, sum_g_xmu, sum_g_xmu_d = collectives.sync_sums(sync, (sum_g, sum_g_xmu,
-                                                                         sum_g_xmu_d))
-        a, b, d, grad_gamma, grad_beta = self.grad_coefficients(bn, x, var, sum_g, sum_g_xmu,
-                                                                local)
-        a_d = b_d = d_d = grad_gamma_d = grad_beta_d = None
+        if sync:
+            coef, coef_d = self.synced_coefficients(sync, grad_out, out, x, mean, var, bn,
+                                                    x_d, mean_d, var_d, bn_d)
+        else:
+            coef, coef_d = self.bn_backward_coefficients(
+                grad_out, out, x, mean, var, bn.gamma, bn.eps, bn.use_batch_stats, x_d, mean_d,
+                var_d, bn_d.gamma if bn_d is not None else None,
+                bn_d.eps if bn_d is not None else 0.0)
+        a_d = b_d = d_d = None
         if x_d is not None:
-            a_d, b_d, d_d, grad_gamma_d, grad_beta_d = self.grad_coefficients(
-                bn_d, x_d, var_d, sum_g, sum_g_xmu_d, local_d)
-        grad_x, grad_second = self.bn_backward_apply(grad_out, out, x, mean, a, b, d, x_d,
-                                                     mean_d, a_d, b_d, d_d, grad_residual)
-        return BNGrads(grad_x, grad_gamma, grad_beta,
+            a_d, b_d, d_d = coef_d[0], coef_d[1], coef_d[2]
+        grad_x, grad_second = self.bn_backward_apply(grad_out, out, x, mean, coef[0], coef[1],
+                                                     coef[2], x_d, mean_d, a_d, b_d, d_d,
+                                                     grad_residual)
+        return BNGrads(grad_x, _param_grad(coef[3], bn.gamma), _param_grad(coef[4], bn.beta),
                        grad_second if grad_residual and x_d is None else None,
-                       grad_second if x_d is not None else None, grad_gamma_d, grad_beta_d)
+                       grad_second if x_d is not None else None,
+                       _param_grad(coef_d[3], bn_d.gamma) if x_d is not None else None,
+                       _param_grad(coef_d[4], bn_d.beta) if x_d is not None else None)
+
+    def synced_coefficients(self, sync, grad_out, out, x, mean, var, bn, x_d, mean_d, var_d,
+                            bn_d):
+        """Sync BN: the gradient sums of all ranks (one all-reduce for both BNs) for grad_x,
+        this rank's for d gamma / d beta (DDP averages those across ranks like every other
+        parameter gradient); var carries the global count."""
+        sums = self.bn_backward_reduce(grad_out, out, x, mean, x_d, mean_d)
+        sum_g, sum_g_xmu, sum_g_xmu_d = collectives.sync_sums(sync, sums)
+        c = x.shape[1]
+        var, count = split_count(var, c)
+        coef = primitives.grad_coefficients(sum_g, sum_g_xmu, var, bn.gamma, bn.eps, count,
+                                            bn.use_batch_stats)
+        local = primitives.grad_coefficients(sums[0], sums[1], var, bn.gamma, bn.eps, count,
+                                             bn.use_batch_stats)
+        coef = torch.cat([coef[:3], local[3:]])
+        if x_d is None:
+            return coef, coef.new_empty(0)
+        var_d, _ = split_count(var_d, c)
+        coef_d = primitives.grad_coefficients(sum_g, sum_g_xmu_d, var_d, bn_d.gamma, bn_d.eps,
+                                              count, bn_d.use_batch_stats)
+        local_d = primitives.grad_coefficients(sums[0], sums[2], var_d, bn_d.gamma, bn_d.eps,
+                                               count, bn_d.use_batch_stats)
+        return coef, torch.cat([coef_d[:3], local_d[3:]])
 
     def bn_add_relu_option_a_forward(self, z, bn, shortcut, stride, relu):
-        mean, var = self.stats(z, bn)
-        scale, shift = self.scale_shift(bn, mean, var)
-        return self.bn_apply_option_a(z, scale, shift, shortcut, stride, relu), mean, var
+        s = self.stats(z, bn)
+        return self.bn_apply_option_a(z, s.scale, s.shift, shortcut, stride, relu), s.mean, s.var
 
     def bn_add_relu_option_a_backward(self, grad_out, out, z, mean, var, bn, shortcut_size,
                                       stride):
-        sum_g, sum_g_xmu, _ = self.bn_backward_reduce(grad_out, out, z, mean, None, None)
-        a, b, d, grad_gamma, grad_beta = self.grad_coefficients(bn, z, var, sum_g, sum_g_xmu)
-        grad_z, grad_s = self.bn_backward_apply_option_a(grad_out, out, z, mean, a, b, d,
-                                                         list(shortcut_size), stride)
-        return BNGrads(grad_z, grad_gamma, grad_beta, grad_s, None, None, None)
+        coef, _ = self.bn_backward_coefficients(grad_out, out, z, mean, var, bn.gamma, bn.eps,
+                                                bn.use_batch_stats, None, None, None, None, 0.0)
+        grad_z, grad_s = self.bn_backward_apply_option_a(grad_out, out, z, mean, coef[0],
+                                                         coef[1], coef[2], list(shortcut_size),
+                                                         stride)
+        return BNGrads(grad_z, _param_grad(coef[3], bn.gamma), _param_grad(coef[4], bn.beta),
+                       grad_s, None, None, None)
 
     def __repr__(self) -> str:
         return f"<fused_resnet backend {self.name!r}>"

@@ -1,9 +1,13 @@
 """The kernel-level primitives in plain PyTorch: what the `reference` backend runs, and
 the oracle the compiled kernels are tested against.
 
-Every backend implements the same four memory-bound primitives (schemas and math in
-csrc/ops.cpp) and the two option-A shortcut primitives (csrc/option_a.cpp). Per-channel
-vectors are in the accumulation dtype: float64 for float64 input, float32 otherwise.
+Every backend implements the same memory-bound primitives (schemas and math in
+csrc/ops.cpp): the four passes over a tensor (bn_stats, bn_apply, bn_backward_reduce,
+bn_backward_apply), the same passes with their per-channel finish steps
+(bn_stats_affine, bn_backward_coefficients), the per-channel steps alone
+(bn_scale_shift, bn_update_running_stats), and the two option-A shortcut primitives
+(csrc/option_a.cpp). Per-channel vectors are in the accumulation dtype: float64 for
+float64 input, float32 otherwise.
 """
 from __future__ import annotations
 
@@ -23,6 +27,26 @@ def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     mean = xa.mean(dims)
     var = (xa - per_channel(mean, x.dim())).square().mean(dims)
     return mean, var
+
+
+def bn_scale_shift(mean: Tensor, var: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
+                   eps: float) -> tuple[Tensor, Tensor]:
+    """scale, shift with x*scale + shift == gamma*(x - mean)/sqrt(var + eps) + beta."""
+    scale = torch.rsqrt(var + eps)
+    if gamma is not None:
+        scale = scale * gamma.to(scale.dtype)
+    if beta is not None:
+        shift = torch.addcmul(beta.to(scale.dtype), mean, scale, value=-1)
+    else:
+        shift = mean * -scale
+    return scale, shift
+
+
+def bn_stats_affine(x: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], eps: float
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """bn_stats with its finish step: mean, biased var, and the scale / shift they give."""
+    mean, var = bn_stats(x)
+    return (mean, var) + bn_scale_shift(mean, var, gamma, beta, eps)
 
 
 def bn_apply(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
@@ -62,6 +86,68 @@ def bn_backward_reduce(grad_out: Tensor, out: Optional[Tensor], x: Tensor, mean:
     else:
         sum_g_xmu_d = sum_g.new_empty(0)
     return sum_g, sum_g_xmu, sum_g_xmu_d
+
+
+def grad_coefficients(sum_g: Tensor, sum_g_xmu: Tensor, var: Tensor, gamma: Optional[Tensor],
+                      eps: float, count, use_batch_stats: bool) -> Tensor:
+    """[5, C]: a, b, d of grad_x = a*g + b*(x - mean) + d, then d gamma, d beta.
+
+    With batch statistics (n values per channel):
+        grad_x = gamma*invstd * (g - sum_g/n - (x - mean)*invstd^2*sum_g_xmu/n)
+    with running statistics the mean and variance are constants: grad_x = gamma*invstd*g.
+    d gamma = sum_g_xmu*invstd and d beta = sum_g (rows 3 and 4, whether or not BN is
+    affine)."""
+    invstd = torch.rsqrt(var + eps)
+    a = invstd * gamma.to(invstd.dtype) if gamma is not None else invstd
+    if use_batch_stats:
+        b = -a * invstd * invstd * sum_g_xmu / count
+        d = -a * sum_g / count
+    else:
+        b = d = torch.zeros_like(a)
+    return torch.stack([a, b, d, sum_g_xmu * invstd, sum_g])
+
+
+def bn_backward_coefficients(grad_out: Tensor, out: Optional[Tensor], x: Tensor, mean: Tensor,
+                             var: Tensor, gamma: Optional[Tensor], eps: float,
+                             use_batch_stats: bool, x_d: Optional[Tensor],
+                             mean_d: Optional[Tensor], var_d: Optional[Tensor],
+                             gamma_d: Optional[Tensor], eps_d: float) -> tuple[Tensor, Tensor]:
+    """bn_backward_reduce with its finish step: the [5, C] coefficients of x's BN (and of
+    the projection's, else an empty tensor): grad_coefficients of the sums."""
+    sum_g, sum_g_xmu, sum_g_xmu_d = bn_backward_reduce(grad_out, out, x, mean, x_d, mean_d)
+    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    coef = grad_coefficients(sum_g, sum_g_xmu, var, gamma, eps, count, use_batch_stats)
+    if x_d is None:
+        return coef, coef.new_empty(0)
+    return coef, grad_coefficients(sum_g, sum_g_xmu_d, var_d, gamma_d, eps_d, count,
+                                   use_batch_stats)
+
+
+def bn_update_running_stats(running_mean: Tensor, running_var: Tensor,
+                            num_batches_tracked: Optional[Tensor], mean: Tensor, var: Tensor,
+                            count: int, momentum: float, cumulative: bool) -> None:
+    """In place, what training-mode torch.nn.BatchNorm does to its buffers: count the
+    batch, then move the running mean / unbiased variance towards the batch's by momentum,
+    or by 1/num_batches_tracked (the cumulative average) when `cumulative`. var with C+1
+    elements (sync BN) carries the count as its last element, which replaces `count`. An
+    empty batch (count 0) is only counted."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    synced = var.numel() == mean.numel() + 1
+    if count == 0 and not synced:
+        return
+    if cumulative:
+        factor = num_batches_tracked.to(running_mean.dtype).reciprocal() \
+            if num_batches_tracked is not None else 0.0
+    else:
+        factor = momentum
+    if synced:
+        var, n = var[:-1], var[-1]
+        unbiased = var * (n / (n - 1).clamp_min(1))
+    else:
+        unbiased = var * (count / max(count - 1, 1))
+    running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype) * factor)
+    running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype) * factor)
 
 
 def bn_backward_apply(grad_out: Tensor, out: Optional[Tensor], x: Tensor, mean: Tensor,

@@ -49,12 +49,14 @@ traces under AOTAutograd.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from .. import kernels
 from .base import Backend
+from .conventions import acc_dtype, reduce_dims
 
 __all__ = ["TritonBackend", "MEASURED_CONV_CHOICES", "STATS_GUARD_RATIO", "conv_name"]
 
@@ -95,9 +97,19 @@ def conv_name(x_shape, weight_shape, conv) -> str:
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def _bn_grad_zero_one(c: int, device) -> tuple:
-    zeros = torch.zeros(c, dtype=torch.float32, device=device)
-    return zeros, torch.ones(c, dtype=torch.float32, device=device)
+@functools.lru_cache(maxsize=None)
+def _cached_vector(c: int, value: float, device: torch.device) -> torch.Tensor:
+    return torch.full((c,), value, dtype=torch.float32, device=device)
+
+
+def _constant_vector(like: torch.Tensor, value: float) -> torch.Tensor:
+    """A read-only [C] fp32 vector of `value` for the channels of `like`: the coefficients
+    of a plain ReLU mask folded into the backward convolutions. Made once per (C, value,
+    device) for real tensors; fresh while tracing (fake tensors, symbolic sizes)."""
+    c = like.shape[1]
+    if type(like) is torch.Tensor and isinstance(c, int):
+        return _cached_vector(c, value, like.device)
+    return like.new_full((c,), value, dtype=torch.float32)
 
 
 def _synced(bn) -> bool:
@@ -201,10 +213,10 @@ class TritonBackend(Backend):
     def _geometry(conv) -> tuple:
         return tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups
 
-    def conv(self, x, weight, conv):
+    def conv(self, x, weight, conv, bias=None):
         if not self._triton(x, weight, conv, "conv"):
-            return super().conv(x, weight, conv)
-        return kernels.conv.conv2d(x, weight, *self._geometry(conv))
+            return super().conv(x, weight, conv, bias)
+        return kernels.conv.conv2d(x, weight, *self._geometry(conv), bias=bias)
 
     def _triton_conv_backward(self, grad, x, weight, conv, need_x, need_w, *,
                               bn_grad=(None,) * 6, in_scale=None, in_shift=None, in_relu=False):
@@ -249,10 +261,10 @@ class TritonBackend(Backend):
             z, ch_sum, ch_sumsq = kernels.conv.conv2d(x, weight, *self._geometry(conv),
                                                       stats=True)
             mean, var = self._epilogue_stats(ch_sum, ch_sumsq, z)
+            scale, shift = self.bn_scale_shift(mean, var, bn.gamma, bn.beta, bn.eps)
         else:
             z = kernels.conv.conv2d(x, weight, *self._geometry(conv))
-            mean, var = self.stats(z, bn)
-        scale, shift = self.scale_shift(bn, mean, var)
+            mean, var, scale, shift = self.stats(z, bn)
         out = self.bn_apply(z, scale, shift, None, None, None, None, relu)
         return out, z, mean, var
 
@@ -266,28 +278,28 @@ class TritonBackend(Backend):
             return super().conv_bn_relu_backward(grad_out, grad_z, x, weight, z, out, mean,
                                                  var, conv, bn, relu, need_x, need_w)
         mask_src = out if relu else None
-        sum_g, sum_g_xmu, _ = self.bn_backward_reduce(grad_out, mask_src, z, mean, None, None)
-        a, b, d, grad_gamma, grad_beta = self.grad_coefficients(bn, z, var, sum_g, sum_g_xmu)
-        bn_grad = (z, mask_src, mean, a, b, d)
+        coef, _ = self.bn_backward_coefficients(grad_out, mask_src, z, mean, var, bn.gamma,
+                                                bn.eps, bn.use_batch_stats, None, None, None,
+                                                None, 0.0)
+        bn_grad = (z, mask_src, mean, coef[0], coef[1], coef[2])
         dx, dw = self._triton_conv_backward(grad_out, x, weight, conv, need_x, need_w,
                                             bn_grad=bn_grad)
-        return dx, dw, grad_gamma, grad_beta
+        return (dx, dw, None if bn.gamma is None else coef[3].to(bn.gamma.dtype),
+                None if bn.beta is None else coef[4].to(bn.beta.dtype))
 
     def bn_relu_conv_forward(self, z, weight, conv, bn, relu):
         if not self._triton(z, weight, conv, "bn_relu_conv"):
             return super().bn_relu_conv_forward(z, weight, conv, bn, relu)
-        mean, var = self.stats(z, bn)
-        scale, shift = self.scale_shift(bn, mean, var)
+        mean, var, scale, shift = self.stats(z, bn)
         out = kernels.conv.conv2d(z, weight, *self._geometry(conv), in_scale=scale,
                                   in_shift=shift, in_relu=relu)
-        return out, mean, var
+        return out, mean, var, scale, shift
 
-    def bn_relu_conv_backward(self, grad_out, z, weight, mean, var, conv, bn, relu,
-                              need_z, need_w):
+    def bn_relu_conv_backward(self, grad_out, z, weight, mean, var, scale, shift, conv, bn,
+                              relu, need_z, need_w):
         if not self._triton(z, weight, conv, "bn_relu_conv"):
-            return super().bn_relu_conv_backward(grad_out, z, weight, mean, var, conv, bn,
-                                                 relu, need_z, need_w)
-        scale, shift = self.scale_shift(bn, mean, var)
+            return super().bn_relu_conv_backward(grad_out, z, weight, mean, var, scale, shift,
+                                                 conv, bn, relu, need_z, need_w)
         # dy always: the BN parameters' gradients need it even when z's is not asked for
         dy, dw = self._triton_conv_backward(grad_out, z, weight, conv, True, need_w,
                                             in_scale=scale, in_shift=shift, in_relu=relu)
@@ -310,20 +322,17 @@ class TritonBackend(Backend):
         if not self._triton(x, weight, conv, "conv_bias_act"):
             return super().conv_bias_act_backward(grad_out, out, x, weight, conv, relu, need_x,
                                                   need_w, need_bias, need_residual)
-        mask_src = out if relu else None
-        c = out.shape[1]
-        zeros, ones = _bn_grad_zero_one(c, out.device)
         bn_grad = (None,) * 6
         if relu:   # grad_z = 1*g masked where out <= 0 (+ 0*(z - 0) + 0)
+            zeros, ones = _constant_vector(out, 0.0), _constant_vector(out, 1.0)
             bn_grad = (out, out, zeros, ones, zeros, zeros)
         dx, dw = self._triton_conv_backward(grad_out, x, weight, conv, need_x, need_w,
                                             bn_grad=bn_grad)
         dbias = dres = None
-        if need_bias:
-            dbias = self.bn_backward_reduce(grad_out, mask_src, out, zeros, None, None)[0]
-        if need_residual:
-            dres, _ = self.bn_backward_apply(grad_out, mask_src, out, zeros, ones, zeros, zeros,
-                                             None, None, None, None, None, False)
+        if need_bias or need_residual:
+            g = torch.ops.aten.threshold_backward(grad_out, out, 0) if relu else grad_out
+            dbias = g.sum(reduce_dims(g), dtype=acc_dtype(g.dtype)) if need_bias else None
+            dres = g if need_residual else None
         return dx, dw, dbias, dres
 
 

@@ -58,8 +58,8 @@ class BasicBlock(tv.BasicBlock):
             return conv_bias_act(y1, self.conv2, self.bn2, eval_shortcut(self, x, dtype),
                                  True, dtype)
         z1 = conv(x, self.conv1, dtype)
-        z2 = bn_relu_conv(z1, self.bn1, self.conv2, dtype)
-        return block_tail(self, z2, x, self.bn2, dtype)
+        z2, update1 = bn_relu_conv(z1, self.bn1, self.conv2, dtype)
+        return block_tail(self, z2, x, self.bn2, dtype, (update1,))
 
 
 class Bottleneck(tv.Bottleneck):
@@ -80,9 +80,9 @@ class Bottleneck(tv.Bottleneck):
             return conv_bias_act(y2, self.conv3, self.bn3, eval_shortcut(self, x, dtype),
                                  True, dtype)
         z1 = conv(x, self.conv1, dtype)
-        z2 = bn_relu_conv(z1, self.bn1, self.conv2, dtype)
-        z3 = bn_relu_conv(z2, self.bn2, self.conv3, dtype)
-        return block_tail(self, z3, x, self.bn3, dtype)
+        z2, update1 = bn_relu_conv(z1, self.bn1, self.conv2, dtype)
+        z3, update2 = bn_relu_conv(z2, self.bn2, self.conv3, dtype)
+        return block_tail(self, z3, x, self.bn3, dtype, (update1, update2))
 
 
 class ResNet(tv.ResNet):

@@ -4,7 +4,8 @@ update and sync BN modules (batch_norm.py), BN folding for inference (folding.py
 convolution glue (layers.py), the stem (stem.py) and the shortcut kinds with the
 block's fused tail (shortcuts.py)."""
 from .autocast import autocast_dtype, cast
-from .batch_norm import (SyncBatchNorm2d, batch_norm, bn_tensors, convert_sync_batchnorm,
+from .batch_norm import (StatsUpdate, SyncBatchNorm2d, batch_norm, bn_tensors,
+                         convert_sync_batchnorm,
                          is_fusable_bn, revert_sync_batchnorm, sync_key, update_running_stats)
 from .folding import conv_bias_act, folded, use_folded
 from .fusable import check_fusable, functorch_active, refuse_scripting
@@ -14,7 +15,7 @@ from .shortcuts import (SHORTCUT_OPTIONS, FusedTailShortcut, NoShortcut, OptionA
                         projection, set_shortcuts)
 from .stem import stem
 
-__all__ = ["autocast_dtype", "cast", "SyncBatchNorm2d", "batch_norm", "bn_tensors",
+__all__ = ["autocast_dtype", "cast", "StatsUpdate", "SyncBatchNorm2d", "batch_norm", "bn_tensors",
            "convert_sync_batchnorm", "is_fusable_bn", "revert_sync_batchnorm", "sync_key",
            "update_running_stats", "conv_bias_act", "check_fusable", "functorch_active",
            "refuse_scripting", "folded", "use_folded",

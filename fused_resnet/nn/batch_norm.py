@@ -16,7 +16,7 @@ and merge statistics and gradient sums over the group
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from torch import Tensor, nn
 
@@ -31,23 +31,38 @@ def bn_tensors(bn: nn.BatchNorm2d) -> tuple:
             bn.running_var if tracked else None)
 
 
-def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, z: Tensor) -> None:
-    """What training-mode BN does to its buffers, after a fused op returned the batch
-    statistics of z."""
-    if bn.training and bn.track_running_stats:
-        count = z.numel() // z.shape[1] if z.shape[1] else 0
-        ops.update_running_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                                 mean, var, count, bn.momentum)
+class StatsUpdate(NamedTuple):
+    """A running-statistics update to do: bn's batch statistics of z, from a fused op."""
+    bn: nn.BatchNorm2d
+    mean: Tensor
+    var: Tensor
+    z: Tensor
+
+
+def update_running_stats(*updates: StatsUpdate) -> None:
+    """What training-mode BN does to its buffers, for every update at once (one operator
+    call: a block passes all its batch norms)."""
+    todo = [u for u in updates if u.bn.training and u.bn.track_running_stats]
+    if not todo:
+        return
+    ops.update_running_stats(
+        [u.bn.running_mean for u in todo], [u.bn.running_var for u in todo],
+        [u.bn.num_batches_tracked for u in todo], [u.mean for u in todo],
+        [u.var for u in todo],
+        [u.z.numel() // u.z.shape[1] if u.z.shape[1] else 0 for u in todo],
+        [0.0 if u.bn.momentum is None else float(u.bn.momentum) for u in todo],
+        [u.bn.momentum is None for u in todo])
 
 
 def batch_norm(z: Tensor, bn: nn.BatchNorm2d, shortcut: Optional[Tensor] = None,
-               relu: bool = False) -> Tensor:
+               relu: bool = False, pending: tuple = ()) -> Tensor:
     """relu?(bn(z) (+ shortcut)) through the fused BN operator, then bn's running-statistics
-    update: plain batch norm when there is neither shortcut nor ReLU."""
+    update, with the `pending` updates of the block in the same call: plain batch norm
+    when there is neither shortcut nor ReLU."""
     out, mean, var, _, _ = ops.bn_add_relu(
         z, *bn_tensors(bn), shortcut, None, None, None, None, None, bn.training, bn.eps,
         bn.eps, relu, sync_key(bn))
-    update_running_stats(bn, mean, var, z)
+    update_running_stats(*pending, StatsUpdate(bn, mean, var, z))
     return out
 
 
@@ -113,6 +128,6 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ = ["bn_tensors", "sync_key", "is_fusable_bn", "update_running_stats", "batch_norm",
-           "SyncBatchNorm2d", "convert_sync_batchnorm", "revert_sync_batchnorm"]
+__all__ = ["bn_tensors", "sync_key", "is_fusable_bn", "StatsUpdate", "update_running_stats",
+           "batch_norm", "SyncBatchNorm2d", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from .autocast import cast
-from .batch_norm import bn_tensors, sync_key, update_running_stats
+from .batch_norm import StatsUpdate, bn_tensors, sync_key
 
 
 def conv_args(conv: nn.Conv2d) -> tuple:
@@ -25,9 +25,9 @@ def conv(x: Tensor, conv: nn.Conv2d, dtype) -> Tensor:
                     conv.dilation, conv.groups)
 
 
-def bn_relu_conv(z: Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, dtype) -> Tensor:
-    """conv(relu(bn(z))) and the running-statistics update of bn."""
-    out, mean, var = ops.bn_relu_conv(z, *bn_tensors(bn), cast(conv.weight, dtype),
-                                      *conv_args(conv), bn.training, bn.eps, True, sync_key(bn))
-    update_running_stats(bn, mean, var, z)
-    return out
+def bn_relu_conv(z: Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, dtype) -> tuple:
+    """conv(relu(bn(z))), and bn's running-statistics update for the block to do."""
+    out, mean, var, _, _ = ops.bn_relu_conv(z, *bn_tensors(bn), cast(conv.weight, dtype),
+                                            *conv_args(conv), bn.training, bn.eps, True,
+                                            sync_key(bn))
+    return out, StatsUpdate(bn, mean, var, z)

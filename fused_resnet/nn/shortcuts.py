@@ -26,7 +26,8 @@ from .. import ops
 from ..backends.conventions import memory_format
 from ..backends.primitives import option_a_shortcut
 from .autocast import cast
-from .batch_norm import batch_norm, bn_tensors, is_fusable_bn, sync_key, update_running_stats
+from .batch_norm import (StatsUpdate, batch_norm, bn_tensors, is_fusable_bn, sync_key,
+                         update_running_stats)
 from .folding import conv_bias_act, use_folded
 from .layers import conv
 
@@ -48,7 +49,10 @@ class FusedTailShortcut(nn.Module):
     """A block's `downsample` that supplies the whole fused tail relu(bn(z) + shortcut(x))
     itself (option A, no shortcut); as a plain module it computes the shortcut."""
 
-    def fused_tail(self, z: Tensor, x: Tensor, bn: nn.BatchNorm2d, dtype) -> Tensor:
+    def fused_tail(self, z: Tensor, x: Tensor, bn: nn.BatchNorm2d, dtype,
+                   pending: tuple = ()) -> Tensor:
+        """relu(bn(z) + self(x)), and bn's running-statistics update together with the
+        block's `pending` ones."""
         raise NotImplementedError
 
 
@@ -66,16 +70,17 @@ class OptionAShortcut(FusedTailShortcut):
     def forward(self, x: Tensor) -> Tensor:
         return option_a_shortcut(x, self.planes, self.stride)
 
-    def fused_tail(self, z: Tensor, x: Tensor, bn: nn.BatchNorm2d, dtype) -> Tensor:
+    def fused_tail(self, z: Tensor, x: Tensor, bn: nn.BatchNorm2d, dtype,
+                   pending: tuple = ()) -> Tensor:
         """relu(bn(z) + forward(x)) as one operator (training or eval mode); with sync BN
         the shortcut is materialised and added by bn_add_relu."""
         x = cast(x, dtype)
         if sync_key(bn):
             return batch_norm(z, bn, self(x).contiguous(memory_format=memory_format(z)),
-                              relu=True)
+                              relu=True, pending=pending)
         out, mean, var = ops.bn_add_relu_option_a(z, *bn_tensors(bn), x, self.stride,
                                                   bn.training, bn.eps, True)
-        update_running_stats(bn, mean, var, z)
+        update_running_stats(*pending, StatsUpdate(bn, mean, var, z))
         return out
 
     def extra_repr(self) -> str:
@@ -96,9 +101,10 @@ class NoShortcut(FusedTailShortcut):
         s = self.stride
         return x.new_zeros(n, self.planes, -(-h // s), -(-w // s))
 
-    def fused_tail(self, z: Tensor, x: Tensor, bn: nn.BatchNorm2d, dtype) -> Tensor:
+    def fused_tail(self, z: Tensor, x: Tensor, bn: nn.BatchNorm2d, dtype,
+                   pending: tuple = ()) -> Tensor:
         """relu(bn(z)) (training or eval mode)."""
-        return batch_norm(z, bn, relu=True)
+        return batch_norm(z, bn, relu=True, pending=pending)
 
     def extra_repr(self) -> str:
         return f"planes={self.planes}, stride={self.stride}"
@@ -162,10 +168,13 @@ def has_fused_tail(block: nn.Module) -> bool:
     return isinstance(block.downsample, FusedTailShortcut)
 
 
-def block_tail(block, z: Tensor, x: Tensor, bn: nn.BatchNorm2d, dtype) -> Tensor:
-    """relu(bn(z) + shortcut(x)) (training mode, or a FusedTailShortcut in any mode)."""
+def block_tail(block, z: Tensor, x: Tensor, bn: nn.BatchNorm2d, dtype,
+               pending: tuple = ()) -> Tensor:
+    """relu(bn(z) + shortcut(x)) (training mode, or a FusedTailShortcut in any mode); the
+    running statistics of the block's batch norms updated in one call, the `pending`
+    updates of its earlier layers included."""
     if has_fused_tail(block):
-        return block.downsample.fused_tail(z, x, bn, dtype)
+        return block.downsample.fused_tail(z, x, bn, dtype, pending)
     proj = projection(block.downsample)
     if proj is not None and proj[1].training == bn.training and sync_key(proj[1]) == sync_key(bn):
         conv_d, bn_d = proj
@@ -173,11 +182,11 @@ def block_tail(block, z: Tensor, x: Tensor, bn: nn.BatchNorm2d, dtype) -> Tensor
         out, mean, var, mean_d, var_d = ops.bn_add_relu(
             z, *bn_tensors(bn), None, z_d, *bn_tensors(bn_d), bn.training, bn.eps,
             bn_d.eps, True, sync_key(bn))
-        update_running_stats(bn_d, mean_d, var_d, z_d)
-        update_running_stats(bn, mean, var, z)
+        update_running_stats(*pending, StatsUpdate(bn, mean, var, z),
+                             StatsUpdate(bn_d, mean_d, var_d, z_d))
         return out
     shortcut = x if block.downsample is None else block.downsample(x)
-    return batch_norm(z, bn, cast(shortcut, dtype), relu=True)
+    return batch_norm(z, bn, cast(shortcut, dtype), relu=True, pending=pending)
 
 
 def eval_shortcut(block, x: Tensor, dtype) -> Tensor:

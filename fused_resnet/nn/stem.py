@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .autocast import autocast_dtype, cast
-from .batch_norm import bn_tensors, sync_key, update_running_stats
+from .batch_norm import StatsUpdate, bn_tensors, sync_key, update_running_stats
 from .folding import conv_bias_act, use_folded
 from .layers import check_input, conv_args
 
@@ -21,5 +21,5 @@ def stem(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
     out, z, mean, var = ops.conv_bn_relu(
         x, cast(conv.weight, dtype), *bn_tensors(bn), *conv_args(conv),
         bn.training, bn.eps, True, sync_key(bn))
-    update_running_stats(bn, mean, var, z)
+    update_running_stats(StatsUpdate(bn, mean, var, z))
     return out

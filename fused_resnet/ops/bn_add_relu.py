@@ -64,6 +64,7 @@ def _bn_add_relu_setup(ctx, inputs, output):
      running_mean_d, running_var_d, training, eps, eps_d, relu, sync_group) = inputs
     out, mean, var, mean_d, var_d = output
     ctx.mark_non_differentiable(mean, var, mean_d, var_d)
+    ctx.set_materialize_grads(False)   # no zero gradients made for the statistics
     # `out` is the next block's input, kept alive by it anyway: saving it for the ReLU
     # mask costs no memory.
     # Without ReLU (plain BN, e.g. sync BN on its own) out is not needed, and not saved:
@@ -80,6 +81,8 @@ def _bn_add_relu_setup(ctx, inputs, output):
 
 
 def _bn_add_relu_backward(ctx, grad_out, *_grad_stats):
+    if grad_out is None:   # only the (non-differentiable) statistics were used
+        return gradients("fused_resnet::bn_add_relu")
     out, z, gamma, beta, mean, var, z_d, gamma_d, beta_d, mean_d, var_d = ctx.saved_tensors
     bn = ctx.bn.with_affine(gamma, beta)
     bn_d = ctx.bn_d.with_affine(gamma_d, beta_d) if z_d is not None else None

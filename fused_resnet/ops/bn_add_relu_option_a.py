@@ -86,6 +86,7 @@ def _setup(ctx, inputs, output):
     z, gamma, beta, running_mean, running_var, x, stride, training, eps, relu = inputs
     out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
+    ctx.set_materialize_grads(False)   # no zero gradients made for the statistics
     # `out` is the next block's input and x this block's (kept by its first convolution):
     # saving out for the ReLU mask costs no memory, and of x only the shape is needed.
     ctx.save_for_backward(out, z, gamma, beta, mean, var)
@@ -97,6 +98,8 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    if grad_out is None:   # only the (non-differentiable) statistics were used
+        return gradients("fused_resnet::bn_add_relu_option_a")
     out, z, gamma, beta, mean, var = ctx.saved_tensors
     bn = ctx.bn.with_affine(gamma, beta)
     g = ctx.backend.bn_add_relu_option_a_backward(

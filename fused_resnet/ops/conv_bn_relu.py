@@ -42,7 +42,7 @@ def _conv_bn_relu_setup(ctx, inputs, output):
      training, eps, relu, sync_group) = inputs
     out, z, mean, var = output
     ctx.mark_non_differentiable(mean, var)
-    ctx.set_materialize_grads(False)
+    ctx.set_materialize_grads(False)   # no zero gradients made for the statistics
     ctx.save_for_backward(x, weight, gamma, beta, z, out, mean, var)
     ctx.conv = ConvArgs.of(stride, padding, dilation, groups)
     ctx.bn = BNArgs.of(None, None, running_mean, running_var, training, eps,

@@ -1,44 +1,39 @@
 """The running-statistics update of training-mode batch norm, as a mutating operator
 (custom ops with autograd must be functional, so the block ops return the batch
-statistics and this one writes the buffers)."""
+statistics and this one writes the buffers), for several BN layers at once: a block
+updates all its batch norms in one call."""
 from __future__ import annotations
-
-from typing import Optional
 
 from torch import Tensor
 
+from ..backends import registry
 from .registration import custom_op
 
 
 @custom_op("fused_resnet::update_running_stats",
-           mutates_args=("running_mean", "running_var", "num_batches_tracked"))
-def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                         num_batches_tracked: Optional[Tensor], mean: Tensor, var: Tensor,
-                         count: int, momentum: Optional[float]) -> None:
-    """What training-mode torch.nn.BatchNorm does to its buffers: count the batch and
-    move the running mean / unbiased variance towards the batch's (momentum=None: the
-    cumulative average). Sync BN: var has C+1 elements, the last the global count, which
-    then replaces `count` (fused_resnet/backends/collectives.py)."""
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    synced = var.dim() == 1 and var.numel() == mean.numel() + 1
-    if running_mean is None or (count == 0 and not synced):   # an empty batch: counted only
+           mutates_args=("running_means", "running_vars", "num_batches_tracked"))
+def update_running_stats(running_means: list[Tensor], running_vars: list[Tensor],
+                         num_batches_tracked: list[Tensor], means: list[Tensor],
+                         variances: list[Tensor], counts: list[int], momenta: list[float],
+                         cumulative: list[bool]) -> None:
+    """What training-mode torch.nn.BatchNorm does to its buffers, for layer i of the lists:
+    count the batch (num_batches_tracked[i] += 1), then move the running mean / unbiased
+    variance towards the batch's (means[i], variances[i] over counts[i] values per channel)
+    by momenta[i], or by 1/num_batches_tracked[i] (the cumulative average, eager's
+    momentum=None) where cumulative[i]. Sync BN: variances[i] has C+1 elements, the last
+    the global count, which then replaces counts[i] (fused_resnet/backends/collectives.py).
+    An empty batch (count 0) is only counted."""
+    lists = (running_means, running_vars, num_batches_tracked, means, variances, counts,
+             momenta, cumulative)
+    if len({len(v) for v in lists}) != 1:
+        raise ValueError(f"update_running_stats: the lists must have one entry per layer, got "
+                         f"lengths {[len(v) for v in lists]}")
+    if not running_means:
         return
-    if momentum is None:   # the cumulative average, 1 / num_batches_tracked (no host sync)
-        factor = num_batches_tracked.to(running_mean.dtype).reciprocal() \
-            if num_batches_tracked is not None else 0.0
-    else:
-        factor = momentum
-    if synced:
-        # sync BN (fused_resnet/backends/collectives.py): var carries the global count as a tensor
-        var, n = var[:-1], var[-1]
-        unbiased = var * (n / (n - 1).clamp_min(1))
-    else:
-        unbiased = var * (count / max(count - 1, 1))
-    running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype) * factor)
-    running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype) * factor)
+    registry.resolve(running_means[0].device).update_running_stats(*lists)
 
 
 @update_running_stats.register_fake
-def _(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+def _(running_means, running_vars, num_batches_tracked, means, variances, counts, momenta,
+      cumulative):
     return None

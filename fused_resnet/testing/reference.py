@@ -40,7 +40,10 @@ def bn_relu_conv(z, gamma, beta, running_mean, running_var, weight, stride, padd
                  groups, training, eps, relu):
     y, (mean, var) = _bn(z, gamma, beta, running_mean, running_var, training, eps)
     y = F.relu(y) if relu else y
-    return F.conv2d(y, weight, None, stride, padding, dilation, groups), mean, var
+    # the affine form of BN the op also returns: bn(z) = z*scale + shift
+    scale = 1 / torch.sqrt(var + eps) * (gamma.detach().to(var.dtype) if gamma is not None else 1)
+    shift = (beta.detach().to(var.dtype) if beta is not None else 0) - mean * scale
+    return F.conv2d(y, weight, None, stride, padding, dilation, groups), mean, var, scale, shift
 
 
 def bn_add_relu(z, gamma, beta, running_mean, running_var, shortcut: Optional[Tensor],

@@ -230,16 +230,18 @@ def test_sync_ops_opcheck_and_count_output():
     rm, rv = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.5
     w = torch.randn(4, 6, 3, 3, dtype=torch.float64, requires_grad=True)
     args = (z, gamma, beta, rm, rv, w, [1, 1], [1, 1], [1, 1], 1, True, 1e-5, True)
-    out, mean, var = ops.bn_relu_conv(*args, fdist.WORLD)
-    ref_out, ref_mean, ref_var = ops.bn_relu_conv(*args)
+    out, mean, var, _, _ = ops.bn_relu_conv(*args, fdist.WORLD)
+    ref_out, ref_mean, ref_var, _, _ = ops.bn_relu_conv(*args)
     assert var.shape == (7,) and var[-1].item() == 2 * 5 * 4
     assert torch.equal(out, ref_out) and torch.equal(var[:6], ref_var)
     torch.library.opcheck(torch.ops.fused_resnet.bn_relu_conv.default, args + (fdist.WORLD,))
     # eval mode: running statistics, no count
     assert ops.bn_relu_conv(*args[:10], False, 1e-5, True, fdist.WORLD)[2].shape == (6,)
     r1, v1, r2, v2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
-    ops.update_running_stats(r1, v1, None, mean, var, 12345, 0.1)   # count from var
-    ops.update_running_stats(r2, v2, None, ref_mean, ref_var, 40, 0.1)
+    counted = torch.tensor(0)
+    ops.update_running_stats([r1], [v1], [counted], [mean], [var], [12345], [0.1],
+                             [False])   # the count comes from var
+    ops.update_running_stats([r2], [v2], [counted], [ref_mean], [ref_var], [40], [0.1], [False])
     assert torch.allclose(r1, r2, rtol=0, atol=1e-15) and torch.allclose(v1, v2, rtol=1e-15)
 
 

@@ -103,8 +103,8 @@ def test_large_mean_statistics(backend):
     z = torch.randn(4, 8, 9, 9) * 0.1 + 100.0
     gamma, beta, rm, rv = bn_params(8)
     w = torch.eye(8).reshape(8, 8, 1, 1)  # identity conv: the output is relu(bn(z))
-    out, mean, var = ops.bn_relu_conv(z, gamma, beta, rm, rv, w, [1, 1], [0, 0], [1, 1], 1, True,
-                                      1e-5, True)
+    out, mean, var, _, _ = ops.bn_relu_conv(z, gamma, beta, rm, rv, w, [1, 1], [0, 0], [1, 1],
+                                            1, True, 1e-5, True)
     zd = z.double()
     assert rel_err(mean, zd.mean((0, 2, 3))) < 1e-7
     assert rel_err(var, zd.var((0, 2, 3), unbiased=False)) < 1e-5
@@ -122,9 +122,11 @@ def test_opcheck(backend, name, dtype):
     opcheck(getattr(ops, name), tuple(args))
 
 
-def test_opcheck_update_running_stats():
-    args = (torch.randn(5), torch.rand(5) + 0.5, torch.tensor(3), torch.randn(5), torch.rand(5),
-            12, 0.1)
+def test_opcheck_update_running_stats(backend):
+    two = [torch.randn(5), torch.randn(3, dtype=torch.float64)]
+    args = ([t.clone() for t in two], [t.abs() + 0.5 for t in two],
+            [torch.tensor(3), torch.tensor(0)], [torch.randn_like(t) for t in two],
+            [torch.rand_like(t) for t in two], [12, 7], [0.1, 0.0], [False, True])
     opcheck(ops.update_running_stats, args)
 
 
@@ -158,7 +160,8 @@ def test_running_stats_match_batchnorm(backend, momentum):
         expected = F.relu(bn(z) + z)
         out, mean, var, _, _ = ops.bn_add_relu(z, bn.weight, bn.bias, rm, rv, z, None, None, None,
                                                None, None, True, bn.eps, bn.eps, True)
-        ops.update_running_stats(rm, rv, nbt, mean, var, z.numel() // 6, momentum)
+        ops.update_running_stats([rm], [rv], [nbt], [mean], [var], [z.numel() // 6],
+                                 [momentum or 0.0], [momentum is None])
         assert rel_err(out, expected) < 1e-12
     assert rel_err(rm, bn.running_mean) < 1e-12
     assert rel_err(rv, bn.running_var) < 1e-12
