@@ -25,14 +25,15 @@ from .backends import (BackendUnavailableError, available_backends, get_backend,
                        set_backend, use_backend)
 from .models import (BasicBlock, Bottleneck, CifarResNet, ResNet, cifar_resnet20,  # noqa: E402
                      cifar_resnet32, cifar_resnet44, cifar_resnet56, cifar_resnet110,
-                     cifar_resnet1202, convert, resnet18, resnet34, resnet50, resnet101,
+                     cifar_resnet1202, convert, get_model, get_model_weights, list_models,
+                     resnet18, resnet34, resnet50, resnet101,
                      resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d,
                      to_torchvision, wide_resnet50_2, wide_resnet101_2)
 from .nn import SyncBatchNorm2d, convert_sync_batchnorm, revert_sync_batchnorm  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["available_backends", "set_backend", "get_backend", "use_backend",
-           "BackendUnavailableError", "convert", "to_torchvision", "ResNet", "BasicBlock",
+           "BackendUnavailableError", "get_model", "get_model_weights", "list_models", "convert", "to_torchvision", "ResNet", "BasicBlock",
            "Bottleneck", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
            "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2",
            "wide_resnet101_2", "ops", "SyncBatchNorm2d", "convert_sync_batchnorm",

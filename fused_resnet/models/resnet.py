@@ -19,7 +19,6 @@ batch-norm parameters, running statistics and all reductions stay in float32.
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from typing import Any, Callable, Optional
 
@@ -30,6 +29,7 @@ from torchvision.models import resnet as tv
 from ..nn import (autocast_dtype, bn_relu_conv, block_tail, cast, check_fusable, check_input,
                   conv, conv_bias_act, eval_shortcut, functorch_active, has_fused_tail,
                   refuse_scripting, set_shortcuts, stem, use_folded)
+from . import weights as weights_api
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "convert", "to_torchvision", "resnet18",
            "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
@@ -164,30 +164,23 @@ def _set_fixed(kwargs: dict, name: str, value: Any) -> None:
     kwargs[name] = value
 
 
-def _read_weights(weights: Any) -> Optional[dict]:
-    """weights= of the factories: a state_dict, or the path of a saved one."""
-    if weights is None:
-        return None
-    if isinstance(weights, (str, os.PathLike)):
-        weights = torch.load(weights, map_location="cpu", weights_only=True)
-    elif not isinstance(weights, dict):
-        raise TypeError("weights= takes a state_dict or the path of a saved one (downloads of "
-                        f"pretrained weights are not supported), got {type(weights).__name__}")
-    if "state_dict" in weights and isinstance(weights["state_dict"], dict):
-        weights = weights["state_dict"]
-    return weights
-
-
 def load_weights(model: nn.Module, weights: Any) -> None:
-    weights = _read_weights(weights)
-    if weights is not None:
-        model.load_state_dict(weights, strict=True)
+    """Load a state_dict (or the path of a saved one) into `model`, strictly."""
+    state = weights_api.read_state_dict(weights)
+    if state is not None:
+        model.load_state_dict(state, strict=True)
 
 
-def _resnet(block, layers, weights, shortcut: Optional[str] = "B", **kwargs) -> ResNet:
-    weights = _read_weights(weights)
-    if weights is not None and "num_classes" not in kwargs and "fc.weight" in weights:
-        kwargs["num_classes"] = weights["fc.weight"].shape[0]
+def _resnet(block, layers, weights, progress: bool, enum_cls, shortcut: Optional[str] = "B",
+            **kwargs) -> ResNet:
+    pretrained, state = weights_api.resolve(weights, enum_cls)
+    if pretrained is not None:   # as torchvision: the classes come from the weights
+        _set_fixed(kwargs, "num_classes", len(pretrained.meta["categories"]))
+        if shortcut != "B":
+            raise ValueError(f"torchvision's weights are for option-B shortcuts, got "
+                             f"shortcut={shortcut!r}")
+    elif state is not None and "num_classes" not in kwargs and "fc.weight" in state:
+        kwargs["num_classes"] = state["fc.weight"].shape[0]
     if shortcut != "B" and block is not BasicBlock:
         raise ValueError(f"shortcut={shortcut!r}: shortcut options A, C and None (plain) are "
                          "implemented for basic-block models (resnet18, resnet34, the CIFAR "
@@ -195,7 +188,9 @@ def _resnet(block, layers, weights, shortcut: Optional[str] = "B", **kwargs) -> 
     model = ResNet(block, layers, **kwargs)
     if shortcut != "B":  # option A, C, plain: fused_resnet/nn/shortcuts.py
         set_shortcuts(model, shortcut)
-    load_weights(model, weights)
+    if pretrained is not None:
+        state = weights_api.state_dict_of(pretrained, progress)
+    load_weights(model, state)
     return model
 
 
@@ -209,12 +204,14 @@ _SHORTCUT_DOC = """
 
 def resnet18(*, weights=None, progress: bool = True, shortcut: Optional[str] = "B",
              **kwargs) -> ResNet:
-    return _resnet(BasicBlock, [2, 2, 2, 2], weights, shortcut, **kwargs)
+    return _resnet(BasicBlock, [2, 2, 2, 2], weights, progress, tv.ResNet18_Weights, shortcut,
+                   **kwargs)
 
 
 def resnet34(*, weights=None, progress: bool = True, shortcut: Optional[str] = "B",
              **kwargs) -> ResNet:
-    return _resnet(BasicBlock, [3, 4, 6, 3], weights, shortcut, **kwargs)
+    return _resnet(BasicBlock, [3, 4, 6, 3], weights, progress, tv.ResNet34_Weights, shortcut,
+                   **kwargs)
 
 
 resnet18.__doc__ = "ResNet-18 on the fused operators." + _SHORTCUT_DOC
@@ -222,40 +219,40 @@ resnet34.__doc__ = "ResNet-34 on the fused operators." + _SHORTCUT_DOC
 
 
 def resnet50(*, weights=None, progress: bool = True, **kwargs) -> ResNet:
-    return _resnet(Bottleneck, [3, 4, 6, 3], weights, **kwargs)
+    return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, tv.ResNet50_Weights, **kwargs)
 
 
 def resnet101(*, weights=None, progress: bool = True, **kwargs) -> ResNet:
-    return _resnet(Bottleneck, [3, 4, 23, 3], weights, **kwargs)
+    return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, tv.ResNet101_Weights, **kwargs)
 
 
 def resnet152(*, weights=None, progress: bool = True, **kwargs) -> ResNet:
-    return _resnet(Bottleneck, [3, 8, 36, 3], weights, **kwargs)
+    return _resnet(Bottleneck, [3, 8, 36, 3], weights, progress, tv.ResNet152_Weights, **kwargs)
 
 
 def resnext50_32x4d(*, weights=None, progress: bool = True, **kwargs) -> ResNet:
     _set_fixed(kwargs, "groups", 32)
     _set_fixed(kwargs, "width_per_group", 4)
-    return _resnet(Bottleneck, [3, 4, 6, 3], weights, **kwargs)
+    return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, tv.ResNeXt50_32X4D_Weights, **kwargs)
 
 
 def resnext101_32x8d(*, weights=None, progress: bool = True, **kwargs) -> ResNet:
     _set_fixed(kwargs, "groups", 32)
     _set_fixed(kwargs, "width_per_group", 8)
-    return _resnet(Bottleneck, [3, 4, 23, 3], weights, **kwargs)
+    return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, tv.ResNeXt101_32X8D_Weights, **kwargs)
 
 
 def resnext101_64x4d(*, weights=None, progress: bool = True, **kwargs) -> ResNet:
     _set_fixed(kwargs, "groups", 64)
     _set_fixed(kwargs, "width_per_group", 4)
-    return _resnet(Bottleneck, [3, 4, 23, 3], weights, **kwargs)
+    return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, tv.ResNeXt101_64X4D_Weights, **kwargs)
 
 
 def wide_resnet50_2(*, weights=None, progress: bool = True, **kwargs) -> ResNet:
     _set_fixed(kwargs, "width_per_group", 64 * 2)
-    return _resnet(Bottleneck, [3, 4, 6, 3], weights, **kwargs)
+    return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, tv.Wide_ResNet50_2_Weights, **kwargs)
 
 
 def wide_resnet101_2(*, weights=None, progress: bool = True, **kwargs) -> ResNet:
     _set_fixed(kwargs, "width_per_group", 64 * 2)
-    return _resnet(Bottleneck, [3, 4, 23, 3], weights, **kwargs)
+    return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, tv.Wide_ResNet101_2_Weights, **kwargs)
