@@ -34,6 +34,7 @@ from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from fused_resnet.tools import bench, report  # noqa: E402
+from fused_resnet.tools.arguments import model_list, non_negative_int, positive_int  # noqa: E402
 
 GPU = dict(models=["resnet50", "resnet152"], batch=256, resolution=224, dtype="bf16", warmup=3,
            impls=["eager", "eager-cl-amp", "compile", "fused"])
@@ -176,7 +177,7 @@ def profile_one(model_name: str, label: str, cfg: dict, device: torch.device, tr
         del model, step
         if spec.compile_mode is not None:
             torch._dynamo.reset()
-        bench._free(device)
+        bench.free_memory(device)
     return entry
 
 
@@ -221,14 +222,14 @@ def main(argv=None) -> int:
                    default=os.environ.get("FUSED_RESNET_TINY", "") not in ("", "0"),
                    help="CPU, toy size (resnet18 + resnet50, 32x32, batch 2), torch.compile "
                         "skipped; also FUSED_RESNET_TINY=1")
-    p.add_argument("--model", type=bench.model_list, default=None, metavar="NAME[,NAME]")
+    p.add_argument("--model", type=model_list, default=None, metavar="NAME[,NAME]")
     p.add_argument("--impl", type=bench.impl_list, default=None, metavar="IMPL[,IMPL]",
                    help="default: eager, eager-cl-amp, compile, fused and every available "
                         "fused-<backend>")
-    p.add_argument("--batch", type=bench.positive_int, default=None)
-    p.add_argument("--resolution", type=bench.positive_int, default=None)
+    p.add_argument("--batch", type=positive_int, default=None)
+    p.add_argument("--resolution", type=positive_int, default=None)
     p.add_argument("--dtype", choices=bench.BENCH_DTYPES, default=None)
-    p.add_argument("--warmup", type=bench.non_negative_int, default=None)
+    p.add_argument("--warmup", type=non_negative_int, default=None)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--out-dir", default=str(report.DEFAULT_RESULTS_DIR))

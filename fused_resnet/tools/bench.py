@@ -37,11 +37,14 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+import torchvision
+
+import fused_resnet
 
 from . import report
+from .arguments import (MODELS, comma_list, model_list, non_negative_int, positive_int,
+                        positive_int_list)
 
-MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-          "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
 FUSED_BACKENDS = ("reference", "cpu", "cuda", "triton")
 IMPLS = ("eager", "eager-cl-amp", "compile", "compile-max-autotune", "fused") + tuple(
     f"fused-{b}" for b in FUSED_BACKENDS)
@@ -70,51 +73,11 @@ PEAK_MEM_FOOTNOTE_CPU = ("peak memory is reported only on CUDA (torch.cuda.max_m
                          "so it is null here")
 
 
-# --- argument types -------------------------------------------------------------------------
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive_int_list(text: str) -> list:
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("expected one or more positive integers")
-    return [positive_int(t) for t in items]
-
-
-def model_list(text: str) -> list:
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("expected a model name")
-    for item in items:
-        if item not in MODELS:
-            raise argparse.ArgumentTypeError(
-                f"unknown model {item!r}; choose from: {', '.join(MODELS)}")
-    return list(dict.fromkeys(items))
-
+# --- arguments ------------------------------------------------------------------------------
 
 def impl_list(text: str) -> list:
     """Comma-separated implementations, each optionally `name@dtype`."""
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("expected one or more implementations")
+    items = comma_list(text, "one or more implementations")
     for item in items:
         name, _, dtype = item.partition("@")
         if name not in IMPLS:
@@ -231,10 +194,9 @@ def plan_impl(label: str, dtype: str) -> ImplSpec:
 
 def backend_status(backend: str, device: torch.device) -> tuple:
     """(resolved backend name or None, reason it is unavailable or None)."""
-    from .. import backends
     try:
-        return backends.resolve(device, backend).name, None
-    except backends.BackendUnavailableError as err:
+        return fused_resnet.backends.resolve(device, backend).name, None
+    except fused_resnet.BackendUnavailableError as err:
         return None, str(err).split(": ", 1)[-1]
     except KeyError:
         return None, f"the {backend!r} backend is not part of this build of fused_resnet"
@@ -248,7 +210,6 @@ def available_fused_impls(device: torch.device) -> list:
 # --- building and stepping ------------------------------------------------------------------
 
 def torchvision_model(name: str, num_classes: int) -> torch.nn.Module:
-    import torchvision
     return getattr(torchvision.models, name)(num_classes=num_classes)
 
 
@@ -272,7 +233,6 @@ def build_model(spec: ImplSpec, model_name: str, num_classes: int, state: dict,
     model = torchvision_model(model_name, num_classes)
     model.load_state_dict(state)
     if spec.fused:
-        import fused_resnet
         model = fused_resnet.convert(model, inplace=True)
     model = model.to(device=device, dtype=spec.param_dtype)
     if spec.channels_last:
@@ -283,7 +243,6 @@ def build_model(spec: ImplSpec, model_name: str, num_classes: int, state: dict,
 def backend_context(spec: ImplSpec):
     if not spec.fused:
         return contextlib.nullcontext()
-    import fused_resnet
     return fused_resnet.use_backend(spec.backend)
 
 
@@ -333,36 +292,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _repeat(step: Callable[[], None], n: int, bar=None) -> None:
+    for _ in range(n):
+        step()
+        if bar is not None:
+            bar.update(1)
+
+
 def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.device,
                bar=None) -> tuple:
     """(seconds for `steps` timed steps, seconds of the warm-up)."""
     t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-        if bar is not None:
-            bar.update(1)
+    _repeat(step, warmup, bar)
     _sync(device)
     warm = time.perf_counter() - t0
     if device.type == "cuda":
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(steps):
-            step()
-            if bar is not None:
-                bar.update(1)
+        _repeat(step, steps, bar)
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1000.0, warm
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-        if bar is not None:
-            bar.update(1)
+    _repeat(step, steps, bar)
     return time.perf_counter() - t0, warm
 
 
-def _free(device: torch.device) -> None:
+def free_memory(device: torch.device) -> None:
+    """Collect what the last implementation left (and give CUDA's cache back)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -420,7 +378,7 @@ def run_config(cfg: Config, bar=None, state: Optional[dict] = None, inputs=None)
             bar.set_description(f"{cfg.model} {cfg.mode} {label}")
         model = step = None
         try:
-            _free(device)
+            free_memory(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             with backend_context(spec):
@@ -443,7 +401,7 @@ def run_config(cfg: Config, bar=None, state: Optional[dict] = None, inputs=None)
             del model, step
             if spec.compile_mode is not None:
                 torch._dynamo.reset()
-            _free(device)
+            free_memory(device)
         results.append(res)
     _add_ratios(results)
     return results

@@ -23,14 +23,18 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fused_resnet
+
 from . import report
-from .bench import MODELS, backend_status, positive_int, torchvision_model
+from .arguments import MODELS, positive_int
+from .bench import backend_status, torchvision_model
 
 CHECK_DTYPES = ("fp64", "fp32", "bf16", "fp16")
 FP64_TOL = 1e-8
@@ -122,7 +126,6 @@ def _run(variant: Variant, state: dict, x: torch.Tensor, y: torch.Tensor, train:
            else contextlib.nullcontext())
     backend = contextlib.nullcontext()
     if variant.backend is not None:
-        import fused_resnet
         backend = fused_resnet.use_backend(variant.backend)
     with backend:
         with amp:
@@ -213,10 +216,40 @@ def compare(a: dict, b: dict) -> dict:
     return out
 
 
-# --- the subcommand -------------------------------------------------------------------------
+# --- the subcommand, step by step ----------------------------------------------------------
 
-def run(args) -> int:
-    parser = getattr(args, "_parser", None) or argparse.ArgumentParser()
+PHASES = ("train", "eval")
+
+
+@dataclass
+class Settings:
+    """What is checked: the arguments with their defaults filled in, validated."""
+    device: torch.device
+    dtype: str                        # one of CHECK_DTYPES
+    batch: int
+    resolution: int
+    backend_resolved: str             # what --backend resolves to on `device`
+    trials: int
+    tol: float                        # fp64: the tolerance
+    floor: float                      # lower precision: the absolute floor of the limit
+
+    @property
+    def low(self) -> bool:
+        """Lower precision: checked against torchvision in fp64."""
+        return self.dtype != "fp64"
+
+    @property
+    def work_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == "fp64" else torch.float32
+
+    @property
+    def amp(self) -> Optional[torch.dtype]:
+        return report.DTYPES[self.dtype] if self.dtype in ("bf16", "fp16") else None
+
+
+def resolve_settings(args, parser: argparse.ArgumentParser) -> Settings:
+    """The device's defaults for what the arguments leave open; a usage error (exit 2) for
+    what cannot be checked."""
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
@@ -237,38 +270,47 @@ def run(args) -> int:
     if why is not None:
         parser.error(f"--backend {args.backend}: unavailable on {device.type}: {why}")
     low = dtype != "fp64"
-    tol = args.tol if args.tol is not None else FP64_TOL
-    floor = args.floor if args.floor is not None else FLOOR.get(dtype, 0.0)
+    return Settings(device, dtype, batch, resolution, resolved,
+                    trials=args.trials or (3 if low else 1),
+                    tol=args.tol if args.tol is not None else FP64_TOL,
+                    floor=args.floor if args.floor is not None else FLOOR.get(dtype, 0.0))
 
-    t0 = time.perf_counter()
-    env = report.environment(device)
+
+def initial_model(args) -> tuple:
+    """(torchvision model, a copy of its state_dict): seeded weights, batch norm randomised."""
     torch.manual_seed(args.seed)
     base = torchvision_model(args.model, args.num_classes)
     randomise_batch_norm(base, args.seed)
-    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    trials = args.trials or (3 if low else 1)
+    return base, {k: v.detach().clone() for k, v in base.state_dict().items()}
+
+
+def make_batches(args, s: Settings) -> list:
+    """One (input, labels) batch per trial, each from its own seed."""
     batches = []
-    for t in range(trials):
+    for t in range(s.trials):
         g = torch.Generator().manual_seed(args.seed + 1 + 1000 * t)
-        batches.append((torch.randn(batch, 3, resolution, resolution, generator=g).to(device),
-                        torch.randint(0, args.num_classes, (batch,), generator=g).to(device)))
+        batches.append((torch.randn(s.batch, 3, s.resolution, s.resolution,
+                                    generator=g).to(s.device),
+                        torch.randint(0, args.num_classes, (s.batch,), generator=g).to(s.device)))
+    return batches
 
-    import fused_resnet
-    work_dtype = torch.float64 if dtype == "fp64" else torch.float32
-    amp = report.DTYPES[dtype] if dtype in ("bf16", "fp16") else None
 
+def make_variants(base: nn.Module, args, s: Settings) -> list:
+    """The models compared, copies of `base`: fused and torchvision in the checked
+    precision; in lower precision also torchvision in fp64 (the reference) and torchvision
+    in the other memory layout."""
     def place(model, dt, cl):
-        model = model.to(device=device, dtype=dt)
+        model = model.to(device=s.device, dtype=dt)
         return model.to(memory_format=torch.channels_last) if cl else model
 
+    cl = args.channels_last
     variants = [
-        Variant("fused", place(fused_resnet.convert(copy.deepcopy(base)), work_dtype,
-                               args.channels_last), work_dtype, amp, args.channels_last,
-                backend=args.backend),
-        Variant("torchvision", place(copy.deepcopy(base), work_dtype, args.channels_last),
-                work_dtype, amp, args.channels_last),
+        Variant("fused", place(fused_resnet.convert(copy.deepcopy(base)), s.work_dtype, cl),
+                s.work_dtype, s.amp, cl, backend=args.backend),
+        Variant("torchvision", place(copy.deepcopy(base), s.work_dtype, cl), s.work_dtype,
+                s.amp, cl),
     ]
-    if low:
+    if s.low:
         variants.append(Variant("torchvision fp64", place(copy.deepcopy(base), torch.float64,
                                                           False), torch.float64, None, False))
         # torchvision's own rounding error, measured twice (NCHW and channels_last round
@@ -276,139 +318,188 @@ def run(args) -> int:
         # near-zero activation moves them by far more than the dtype's precision. Taking the
         # worse of two legitimate torchvision runs makes "2 x torchvision's error" less of a
         # lottery on small problems.
-        alt = not args.channels_last
         variants.append(Variant("torchvision other layout",
-                                place(copy.deepcopy(base), work_dtype, alt), work_dtype, amp,
-                                alt))
-    del base
-    state_by_dtype = {}
+                                place(copy.deepcopy(base), s.work_dtype, not cl), s.work_dtype,
+                                s.amp, not cl))
+    return variants
 
-    def state_for(dt):
-        if dt not in state_by_dtype:
-            state_by_dtype[dt] = {k: (v.to(device=device, dtype=dt) if v.is_floating_point()
-                                      else v.to(device)) for k, v in state.items()}
-        return state_by_dtype[dt]
 
-    phases = ("train", "eval")
-    per_trial = {phase: [] for phase in phases}   # (fused vs ref, tv vs ref, fused vs tv)
-    with report.progress(trials * len(phases) * len(variants), desc="check",
-                         disable=args.no_progress) as bar:
+def states_by_dtype(state: dict, variants: list, device: torch.device) -> dict:
+    """{parameter dtype: the initial state_dict on `device` in it} for the variants' dtypes."""
+    return {dt: {k: (v.to(device=device, dtype=dt) if v.is_floating_point() else v.to(device))
+                 for k, v in state.items()}
+            for dt in dict.fromkeys(v.param_dtype for v in variants)}
+
+
+def compare_variants(res: dict, low: bool) -> tuple:
+    """One trial's comparisons: (fused vs reference, torchvision vs reference, fused vs
+    torchvision); in fp64 torchvision is the reference and the last two are None."""
+    if not low:
+        return compare(res["fused"], res["torchvision"]), None, None
+    ref = res["torchvision fp64"]
+    et = _worse(compare(res["torchvision"], ref), compare(res["torchvision other layout"], ref))
+    return compare(res["fused"], ref), et, compare(res["fused"], res["torchvision"])
+
+
+def run_trials(variants: list, states: dict, batches: list, low: bool,
+               no_progress: bool) -> dict:
+    """Every variant on every batch in train and eval mode: {phase: [compare_variants of
+    each trial]}."""
+    trials = len(batches)
+    per_trial = {phase: [] for phase in PHASES}
+    with report.progress(trials * len(PHASES) * len(variants), desc="check",
+                         disable=no_progress) as bar:
         for t, (x, y) in enumerate(batches):
-            for phase in phases:
+            for phase in PHASES:
                 res = {}
                 for v in variants:
                     bar.set_description(f"check {phase} {v.name}"
                                         + (f" (batch {t + 1}/{trials})" if trials > 1 else ""))
-                    res[v.name] = _run(v, state_for(v.param_dtype), x, y, phase == "train")
+                    res[v.name] = _run(v, states[v.param_dtype], x, y, phase == "train")
                     bar.update(1)
-                if low:
-                    ref = res["torchvision fp64"]
-                    et = _worse(compare(res["torchvision"], ref),
-                                compare(res["torchvision other layout"], ref))
-                    per_trial[phase].append((compare(res["fused"], ref), et,
-                                             compare(res["fused"], res["torchvision"])))
-                else:
-                    per_trial[phase].append((compare(res["fused"], res["torchvision"]), None,
-                                             None))
+                per_trial[phase].append(compare_variants(res, low))
                 del res
+    return per_trial
 
-    # --- compare ---
-    checks, failures = [], []
-    for phase in phases:
-        if not low:
-            errs = {q: pick_trial([(tr[0][q], None, None) for tr in per_trial[phase]], None)[0]
-                    for q in per_trial[phase][0][0]}
-            for q, e in errs.items():
-                ok = e["max"] <= (0 if q == "num_batches_tracked" else tol)
-                checks.append(dict(phase=phase, quantity=q, n=e["n"], fused_vs_ref=e["max"],
-                                   median=e["median"], worst=e["worst"],
-                                   limit=0 if q == "num_batches_tracked" else tol, passed=ok))
-        else:
-            ef, et, eft = {}, {}, {}
-            for q in per_trial[phase][0][0]:
-                rows = [(tr[0][q], tr[1][q], tr[2][q]) for tr in per_trial[phase]]
-                if q == "num_batches_tracked":  # any mismatch in any batch fails
-                    ef[q], et[q], eft[q] = max(rows, key=lambda r: r[0]["max"])
-                else:
-                    ef[q], et[q], eft[q] = pick_trial(rows, floor)
-            for q in ef:
-                if q == "num_batches_tracked":
-                    ok = ef[q]["max"] == 0
-                    checks.append(dict(phase=phase, quantity=q, n=ef[q]["n"],
-                                       fused_vs_ref=ef[q]["max"], torchvision_vs_ref=et[q]["max"],
-                                       ratio=None, fused_vs_torchvision=eft[q]["max"],
-                                       median=None, worst=ef[q]["worst"], limit=0, passed=ok))
-                    continue
-                limit = 2 * et[q]["max"] + floor
-                ok = ef[q]["max"] <= limit
-                if ef[q]["median"] is not None:
-                    ok = ok and ef[q]["median"] <= 2 * et[q]["median"] + floor
-                if q in NOT_GATED:
-                    ok, limit = True, None
-                ratio = ef[q]["max"] / et[q]["max"] if et[q]["max"] > 0 else None
+
+def gate_fp64(per_trial: dict, tol: float) -> list:
+    """fp64: one check per phase and quantity, the worst trial's error against `tol`
+    (num_batches_tracked: no mismatch)."""
+    checks = []
+    for phase in PHASES:
+        errs = {q: pick_trial([(tr[0][q], None, None) for tr in per_trial[phase]], None)[0]
+                for q in per_trial[phase][0][0]}
+        for q, e in errs.items():
+            ok = e["max"] <= (0 if q == "num_batches_tracked" else tol)
+            checks.append(dict(phase=phase, quantity=q, n=e["n"], fused_vs_ref=e["max"],
+                               median=e["median"], worst=e["worst"],
+                               limit=0 if q == "num_batches_tracked" else tol, passed=ok))
+    return checks
+
+
+def gate_low_precision(per_trial: dict, floor: float) -> list:
+    """Lower precision: one check per phase and quantity, the trial of median load; fused's
+    error (max and median) within 2 x torchvision's + floor (NOT_GATED: reported only;
+    num_batches_tracked: no mismatch in any trial)."""
+    checks = []
+    for phase in PHASES:
+        ef, et, eft = {}, {}, {}
+        for q in per_trial[phase][0][0]:
+            rows = [(tr[0][q], tr[1][q], tr[2][q]) for tr in per_trial[phase]]
+            if q == "num_batches_tracked":  # any mismatch in any batch fails
+                ef[q], et[q], eft[q] = max(rows, key=lambda r: r[0]["max"])
+            else:
+                ef[q], et[q], eft[q] = pick_trial(rows, floor)
+        for q in ef:
+            if q == "num_batches_tracked":
+                ok = ef[q]["max"] == 0
                 checks.append(dict(phase=phase, quantity=q, n=ef[q]["n"],
                                    fused_vs_ref=ef[q]["max"], torchvision_vs_ref=et[q]["max"],
-                                   ratio=ratio, fused_vs_torchvision=eft[q]["max"],
-                                   median=ef[q]["median"], torchvision_median=et[q]["median"],
-                                   worst=ef[q]["worst"], limit=limit, passed=ok))
+                                   ratio=None, fused_vs_torchvision=eft[q]["max"],
+                                   median=None, worst=ef[q]["worst"], limit=0, passed=ok))
+                continue
+            limit = 2 * et[q]["max"] + floor
+            ok = ef[q]["max"] <= limit
+            if ef[q]["median"] is not None:
+                ok = ok and ef[q]["median"] <= 2 * et[q]["median"] + floor
+            if q in NOT_GATED:
+                ok, limit = True, None
+            ratio = ef[q]["max"] / et[q]["max"] if et[q]["max"] > 0 else None
+            checks.append(dict(phase=phase, quantity=q, n=ef[q]["n"],
+                               fused_vs_ref=ef[q]["max"], torchvision_vs_ref=et[q]["max"],
+                               ratio=ratio, fused_vs_torchvision=eft[q]["max"],
+                               median=ef[q]["median"], torchvision_median=et[q]["median"],
+                               worst=ef[q]["worst"], limit=limit, passed=ok))
+    return checks
+
+
+def report_title(args, s: Settings, env: dict) -> str:
+    return (f"check {args.model}: fused_resnet (backend {args.backend} -> {s.backend_resolved}) "
+            f"vs torchvision, {s.dtype}{' autocast' if s.amp else ''}, batch {s.batch}, "
+            f"{s.resolution}x{s.resolution}, "
+            f"{'channels_last' if args.channels_last else 'NCHW'}, "
+            f"{env['device']} ({env['device_name']})"
+            + (f", {s.trials} batches ({'worst' if not s.low else 'median'} one reported)"
+               if s.trials > 1 else ""))
+
+
+def print_fp64_table(checks: list, tol: float) -> str:
+    """Print the fp64 table; return the verdict's numbers."""
+    headers = ["phase", "quantity", "n", "rel err max", "median", "worst", "limit", ""]
+    rows = [[c["phase"], c["quantity"], str(c["n"]), c["fused_vs_ref"], c["median"],
+             c["worst"] or "", c["limit"], "ok" if c["passed"] else "FAIL"] for c in checks]
+    print("relative error ||fused - torchvision|| / ||torchvision||, both in fp64 "
+          "(num_batches_tracked: number of mismatching counters)")
+    print(report.format_table(headers, rows, align="llrrrlrl"))
+    return (f"max relative error {max(c['fused_vs_ref'] for c in checks):.3g} "
+            f"(tolerance {tol:g})")
+
+
+def print_low_precision_table(checks: list, floor: float) -> str:
+    """Print the lower-precision table; return the verdict's numbers."""
+    headers = ["phase", "quantity", "n", "fused vs fp64", "torchvision vs fp64", "ratio",
+               "fused vs tv", "fused median", "tv median", "worst (fused)", "limit", ""]
+    rows = [[c["phase"], c["quantity"], str(c["n"]), c["fused_vs_ref"],
+             c["torchvision_vs_ref"], f"{c['ratio']:.2f}" if c["ratio"] else "-",
+             c["fused_vs_torchvision"], c["median"], c.get("torchvision_median"),
+             c["worst"] or "", c["limit"],
+             ("ok" if c["passed"] else "FAIL") if c["limit"] is not None else "(info)"]
+            for c in checks]
+    print(f"relative error against torchvision in fp64 (max over tensors; torchvision: the "
+          f"worse of its NCHW and channels_last runs; limit = 2 x torchvision's error + "
+          f"{floor:g}, medians checked the same way)")
+    print(report.format_table(headers, rows, align="llrrrrrrrlrl"))
+    worst = max((c for c in checks if c["limit"] is not None), key=lambda c: (c["ratio"] or 0))
+    return (f"worst ratio fused/torchvision error {worst['ratio'] or 0:.2f} "
+            f"({worst['phase']} {worst['quantity']})")
+
+
+def print_verdict(checks: list, verdict: str, seconds: float) -> None:
     failures = [c for c in checks if not c["passed"]]
-    passed = not failures
+    if not failures:
+        print(f"PASS: fused_resnet agrees with torchvision: {verdict}; {seconds:.1f} s")
+        return
+    what = "; ".join(f"{c['phase']} {c['quantity']} {c['fused_vs_ref']:.3g} > "
+                     f"{c['limit']:.3g}" + (f" (worst {c['worst']})" if c["worst"] else "")
+                     for c in failures)
+    print(f"FAIL: fused_resnet disagrees with torchvision: {what}; {seconds:.1f} s")
+
+
+def write_json_report(path: str, args, s: Settings, env: dict, checks: list, passed: bool,
+                      seconds: float) -> Path:
+    doc = dict(env, command=report.command_line(), model=args.model, dtype=s.dtype,
+               autocast=bool(s.amp), batch=s.batch, resolution=s.resolution,
+               backend=args.backend, backend_resolved=s.backend_resolved,
+               channels_last=args.channels_last, seed=args.seed, trials=s.trials,
+               reference="torchvision fp64" if s.low else "torchvision (same dtype)",
+               metric="||a-b|| / ||b||",
+               tolerance=dict(fp64=s.tol) if not s.low else dict(factor=2.0, floor=s.floor),
+               tf32=dict(matmul=torch.backends.cuda.matmul.allow_tf32,
+                         cudnn=torch.backends.cudnn.allow_tf32),
+               passed=passed, seconds=seconds, checks=checks)
+    return report.write_json(path, doc)
+
+
+def run(args) -> int:
+    parser = getattr(args, "_parser", None) or argparse.ArgumentParser()
+    s = resolve_settings(args, parser)
+    t0 = time.perf_counter()
+    env = report.environment(s.device)
+    base, state = initial_model(args)
+    batches = make_batches(args, s)
+    variants = make_variants(base, args, s)
+    del base
+    per_trial = run_trials(variants, states_by_dtype(state, variants, s.device), batches, s.low,
+                           args.no_progress)
+    checks = gate_low_precision(per_trial, s.floor) if s.low else gate_fp64(per_trial, s.tol)
+    passed = all(c["passed"] for c in checks)
     seconds = time.perf_counter() - t0
 
-    # --- report ---
-    title = (f"check {args.model}: fused_resnet (backend {args.backend} -> {resolved}) vs "
-             f"torchvision, {dtype}{' autocast' if amp else ''}, batch {batch}, "
-             f"{resolution}x{resolution}, {'channels_last' if args.channels_last else 'NCHW'}, "
-             f"{env['device']} ({env['device_name']})"
-             + (f", {trials} batches ({'worst' if not low else 'median'} one reported)"
-                if trials > 1 else ""))
-    print(title)
-    if not low:
-        headers = ["phase", "quantity", "n", "rel err max", "median", "worst", "limit", ""]
-        rows = [[c["phase"], c["quantity"], str(c["n"]), c["fused_vs_ref"], c["median"],
-                 c["worst"] or "", c["limit"], "ok" if c["passed"] else "FAIL"] for c in checks]
-        print("relative error ||fused - torchvision|| / ||torchvision||, both in fp64 "
-              "(num_batches_tracked: number of mismatching counters)")
-        print(report.format_table(headers, rows, align="llrrrlrl"))
-        verdict = (f"max relative error {max(c['fused_vs_ref'] for c in checks):.3g} "
-                   f"(tolerance {tol:g})")
-    else:
-        headers = ["phase", "quantity", "n", "fused vs fp64", "torchvision vs fp64", "ratio",
-                   "fused vs tv", "fused median", "tv median", "worst (fused)", "limit", ""]
-        rows = [[c["phase"], c["quantity"], str(c["n"]), c["fused_vs_ref"],
-                 c["torchvision_vs_ref"], f"{c['ratio']:.2f}" if c["ratio"] else "-",
-                 c["fused_vs_torchvision"], c["median"], c.get("torchvision_median"),
-                 c["worst"] or "", c["limit"],
-                 ("ok" if c["passed"] else "FAIL") if c["limit"] is not None else "(info)"]
-                for c in checks]
-        print(f"relative error against torchvision in fp64 (max over tensors; torchvision: the "
-              f"worse of its NCHW and channels_last runs; limit = 2 x torchvision's error + "
-              f"{floor:g}, medians checked the same way)")
-        print(report.format_table(headers, rows, align="llrrrrrrrlrl"))
-        worst = max((c for c in checks if c["limit"] is not None),
-                    key=lambda c: (c["ratio"] or 0))
-        verdict = (f"worst ratio fused/torchvision error {worst['ratio'] or 0:.2f} "
-                   f"({worst['phase']} {worst['quantity']})")
-    if passed:
-        print(f"PASS: fused_resnet agrees with torchvision: {verdict}; {seconds:.1f} s")
-    else:
-        what = "; ".join(f"{c['phase']} {c['quantity']} {c['fused_vs_ref']:.3g} > "
-                         f"{c['limit']:.3g}" + (f" (worst {c['worst']})" if c["worst"] else "")
-                         for c in failures)
-        print(f"FAIL: fused_resnet disagrees with torchvision: {what}; {seconds:.1f} s")
-
+    print(report_title(args, s, env))
+    verdict = (print_low_precision_table(checks, s.floor) if s.low
+               else print_fp64_table(checks, s.tol))
+    print_verdict(checks, verdict, seconds)
     if args.json:
-        doc = dict(env, command=report.command_line(), model=args.model, dtype=dtype,
-                   autocast=bool(amp), batch=batch, resolution=resolution,
-                   backend=args.backend, backend_resolved=resolved,
-                   channels_last=args.channels_last, seed=args.seed, trials=trials,
-                   reference="torchvision fp64" if low else "torchvision (same dtype)",
-                   metric="||a-b|| / ||b||",
-                   tolerance=dict(fp64=tol) if not low else dict(factor=2.0, floor=floor),
-                   tf32=dict(matmul=torch.backends.cuda.matmul.allow_tf32,
-                             cudnn=torch.backends.cudnn.allow_tf32),
-                   passed=passed, seconds=seconds, checks=checks)
-        path = report.write_json(args.json, doc)
-        print(f"wrote {path}")
+        print(f"wrote {write_json_report(args.json, args, s, env, checks, passed, seconds)}")
     sys.stdout.flush()
     return 0 if passed else 1

@@ -1,42 +1,20 @@
 """The command line: `python -m fused_resnet <subcommand> ...`.
 
-Each subcommand is a module of this package that exposes
+Each subcommand is a module of this package, listed in SUBCOMMANDS, that exposes
     add_arguments(parser: argparse.ArgumentParser) -> None
     run(args: argparse.Namespace) -> int          (the exit code)
-and whose docstring's first line is its one-line help. `bench` and `check` are always
-there; the optional ones are listed in OPTIONAL and appear when their module exists.
+and whose docstring's first line is its one-line help.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from typing import Optional, Sequence
 
-REQUIRED = ("bench", "check")
-OPTIONAL = ("train", "evaluate", "export", "profile")
+from .. import __version__
+from . import bench, check, train
 
-
-def _load(name: str, optional: bool):
-    module_name = f"{__package__ or 'fused_resnet'}.{name}"
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        # A missing optional subcommand module only means no such subcommand; a module
-        # that exists but fails to import (a missing dependency inside it) is a real error.
-        if optional and err.name == module_name:
-            return None
-        raise
-
-
-def subcommands() -> dict:
-    """{name: module} of the subcommands available in this installation."""
-    found = {}
-    for name in REQUIRED + OPTIONAL:
-        module = _load(name, optional=name in OPTIONAL)
-        if module is not None and hasattr(module, "add_arguments") and hasattr(module, "run"):
-            found[name] = module
-    return found
+SUBCOMMANDS = {"bench": bench, "check": check, "train": train}
 
 
 def _help(module) -> str:
@@ -45,15 +23,13 @@ def _help(module) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-
     parser = argparse.ArgumentParser(
         prog="python -m fused_resnet",
         description="fused_resnet: fused conv + BN + ReLU + shortcut ResNets. Benchmark, "
                     "check against torchvision, train.")
     parser.add_argument("--version", action="version", version=f"fused_resnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    for name, module in subcommands().items():
+    for name, module in SUBCOMMANDS.items():
         doc = (module.__doc__ or "").strip()
         p = sub.add_parser(name, help=_help(module), description=doc or None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)

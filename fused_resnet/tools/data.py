@@ -51,9 +51,10 @@ def _normalised(images: Tensor, train_idx: Tensor) -> Tensor:
     return (images - mean) / std
 
 
-def digits(image_size: int = 32, seed: int = 0) -> Data:
-    """scikit-learn's digits, upscaled to image_size, 3 channels, 80/20 stratified split."""
-    try:
+def digits_images(image_size: int = 32) -> tuple:
+    """All 1797 of scikit-learn's digits, upscaled bilinearly to image_size x image_size
+    and repeated to 3 channels, in [0, 1] (not normalised), and their int64 labels."""
+    try:  # imported here: scikit-learn is an optional dependency
         from sklearn.datasets import load_digits
     except ImportError as err:
         raise RuntimeError("the 'digits' dataset needs scikit-learn (pip install scikit-learn); "
@@ -63,6 +64,12 @@ def digits(image_size: int = 32, seed: int = 0) -> Data:
     y = torch.tensor(d.target, dtype=torch.int64)
     x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
                                         align_corners=False).expand(-1, 3, -1, -1).contiguous()
+    return x, y
+
+
+def digits(image_size: int = 32, seed: int = 0) -> Data:
+    """scikit-learn's digits, upscaled to image_size, 3 channels, 80/20 stratified split."""
+    x, y = digits_images(image_size)
     train_idx, val_idx = _stratified_split(y, 0.2, seed)
     x = _normalised(x, train_idx)
     return Data("digits", TensorDataset(x[train_idx], y[train_idx]),
@@ -95,6 +102,7 @@ def synthetic(image_size: int = 32, seed: int = 0, n_train: int = 2000,
 
 def image_folder(path: str, image_size: int = 224, seed: int = 0) -> Data:
     """An ImageFolder dataset: PATH/train + PATH/val, or PATH split 90/10 (stratified)."""
+    # imported here: only this data set needs torchvision's datasets (and PIL behind them)
     from torchvision import datasets, transforms
     normalize = transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     train_tf = transforms.Compose([transforms.RandomResizedCrop(image_size),

@@ -1,12 +1,12 @@
 """The degradation experiment of the ResNet paper (Fig. 1 / Fig. 6) at small scale: plain
 and residual networks of the same depth trained the same way, their training error vs step.
 
-    from fused_resnet.degradation import run_degradation
+    from fused_resnet.tools.degradation import run_degradation
     result = run_degradation("cifar_resnet56", steps=300, out_dir="benchmarks/results/degradation")
 
-    python -m fused_resnet.degradation --model cifar_resnet56 --steps 300
+    python -m fused_resnet.tools.degradation --model cifar_resnet56 --steps 300
     (and `python -m fused_resnet train --model cifar_resnet56 --compare-plain`, which calls
-    run_degradation, when the train subcommand is present)
+    run_degradation)
 
 Data: whatever is available offline - scikit-learn's 8x8 handwritten digits (1797 images,
 10 classes), upscaled to 32x32 and repeated to 3 channels, normalised; both networks see the
@@ -21,6 +21,7 @@ error, thin, and its moving average, thick).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -28,40 +29,25 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["run_degradation", "run_from_train_args", "load_digits_32", "MODELS", "summary",
-           "main"]
+import fused_resnet
 
-DEFAULT_OUT_DIR = Path("benchmarks") / "results" / "degradation"
+from . import loop, report
+from .arguments import PLAIN_MODELS
+from .data import digits_images
 
+__all__ = ["run_degradation", "run_from_train_args", "summary", "main"]
 
-def _builders() -> dict:
-    import fused_resnet as fr
-    names = ["cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56",
-             "cifar_resnet110", "cifar_resnet1202", "resnet18", "resnet34"]
-    return {name: getattr(fr, name) for name in names}
+DEFAULT_OUT_DIR = report.DEFAULT_RESULTS_DIR / "degradation"
 
 
-MODELS = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56",
-          "cifar_resnet110", "cifar_resnet1202", "resnet18", "resnet34")
-
-
-def load_digits_32(dtype: torch.dtype = torch.float32) -> tuple:
-    """scikit-learn's digits as a [1797, 3, 32, 32] tensor (bilinear upscaling of the 8x8
-    images, the grey value repeated to 3 channels, normalised to mean 0 / std 1) and
-    their int64 labels."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:
-        raise RuntimeError("the degradation experiment needs scikit-learn's offline digits "
-                           "data set (pip install scikit-learn)") from err
-    digits = load_digits()
-    x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
-    x = (x - x.mean()) / x.std()
-    return x.repeat(1, 3, 1, 1).to(dtype).contiguous(), torch.as_tensor(digits.target).long()
+def _digits_32() -> tuple:
+    """All of data.digits_images at 32x32, normalised to mean 0 / std 1 over every image
+    (the experiment measures training error: no validation split)."""
+    x, y = digits_images(32)
+    grey = x[:, :1].contiguous()  # the three channels are the same: one channel's statistics
+    return (x - grey.mean()) / grey.std(), y
 
 
 def _moving_average(values: Sequence[float], window: int) -> list:
@@ -78,49 +64,36 @@ def _train_one(model: nn.Module, x: torch.Tensor, y: torch.Tensor, order: torch.
                steps: int, batch_size: int, lr: float, momentum: float, weight_decay: float,
                warmup: int, desc: str, progress: bool,
                final_eval_images: Optional[int] = None) -> dict:
-    from .report import progress as progress_bar
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
-                          weight_decay=weight_decay)
+    """`steps` SGD steps of train's loop (loop.TrainingRun) on the batches `order` lists,
+    at lr/10 for the first `warmup` steps (the paper's warm-up of its deepest nets); then
+    the training error of the final network in eval mode."""
+    run = loop.TrainingRun(desc, model, lr, momentum, weight_decay,
+                           lambda step: 0.1 if step < warmup else 1.0, x.device.type)
     model.train()
-    errors, losses = [], []
     t0 = time.perf_counter()
-    with progress_bar(total=steps, desc=desc, disable=not progress) as bar:
+    with report.progress(total=steps, desc=desc, disable=not progress) as bar:
         for step in range(steps):
-            for group in opt.param_groups:  # the paper's warm-up of its deepest nets
-                group["lr"] = lr * (0.1 if step < warmup else 1.0)
             idx = order[step]
-            xb, yb = x[idx], y[idx]
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            err = (logits.argmax(1) != yb).float().mean().item() * 100.0
-            errors.append(err)
-            losses.append(loss.item() if math.isfinite(loss.item()) else float("nan"))
+            run.step(step, x[idx], y[idx], batch_size)
+            run.flush(batch_size)  # every step: the bar shows this step's loss and error
             bar.update(1)
-            bar.set_postfix_str(f"loss {losses[-1]:.3f} err {err:.1f}%")
+            bar.set_postfix_str(f"loss {run.history['loss'][-1]:.3f} "
+                                f"err {100.0 * (1.0 - run.history['train_acc'][-1]):.1f}%")
     seconds = time.perf_counter() - t0
     # training error of the final network on the training set (eval mode)
-    model.eval()
     n = x.shape[0] if final_eval_images is None else min(final_eval_images, x.shape[0])
-    wrong = 0
-    with torch.no_grad():
-        for i in range(0, n, 256):
-            j = min(i + 256, n)
-            wrong += (model(x[i:j]).argmax(1) != y[i:j]).sum().item()
-    return {"step": list(range(1, steps + 1)), "train_error": errors, "loss": losses,
-            "final_train_error": 100.0 * wrong / n, "final_eval_images": n,
+    _, correct, _ = loop.evaluate(model, ((x[i:min(i + 256, n)], y[i:min(i + 256, n)])
+                                          for i in range(0, n, 256)), x.device)
+    return {"step": list(range(1, steps + 1)),
+            "train_error": [100.0 * (1.0 - acc) for acc in run.history["train_acc"]],
+            "loss": [v if math.isfinite(v) else float("nan") for v in run.history["loss"]],
+            "final_train_error": 100.0 * (n - correct) / n, "final_eval_images": n,
             "seconds": seconds}
 
 
 def _plot(path: Path, result: dict, smooth: int) -> Optional[Path]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as err:  # noqa: BLE001  (not installed, or broken)
-        print(f"note: matplotlib is not available ({err}); skipping the plot", file=sys.stderr)
+    plt = report.pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {"plain": "#c44e52", "residual": "#4c72b0"}
@@ -137,10 +110,7 @@ def _plot(path: Path, result: dict, smooth: int) -> Optional[Path]:
     ax.set_title(f"Plain vs residual, depth {result['depth']}: training error "
                  f"(digits 32x32, batch {result['batch_size']})", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
 def run_degradation(model_name: str = "cifar_resnet20", steps: int = 300, batch_size: int = 64,
@@ -161,19 +131,15 @@ def run_degradation(model_name: str = "cifar_resnet20", steps: int = 300, batch_
     final_eval_images images) and the paths "json" and "png" (None without matplotlib or
     with plot=False).
     `build(shortcut=..., num_classes=10)` overrides the model constructor."""
-    from . import report
-    from ..backends import use_backend
-
     if build is None:
-        builders = _builders()
-        if model_name not in builders:
+        if model_name not in PLAIN_MODELS:
             raise ValueError(f"unknown model {model_name!r} for the degradation experiment; "
-                             f"expected one of {sorted(builders)}")
-        build = builders[model_name]
+                             f"expected one of {sorted(PLAIN_MODELS)}")
+        build = getattr(fused_resnet, model_name)
     if steps < 1 or batch_size < 2:
         raise ValueError(f"need steps >= 1 and batch_size >= 2, got {steps}, {batch_size}")
     device = torch.device(device)
-    x, y = load_digits_32()
+    x, y = _digits_32()
     x, y = x.to(device), y.to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -188,8 +154,7 @@ def run_degradation(model_name: str = "cifar_resnet20", steps: int = 300, batch_
     order = order.to(device)
 
     curves = {}
-    ctx = use_backend(backend) if backend else _null()
-    with ctx:
+    with fused_resnet.use_backend(backend) if backend else contextlib.nullcontext():
         for name, shortcut in (("plain", None), ("residual", residual_shortcut)):
             torch.manual_seed(seed)
             model = build(shortcut=shortcut, num_classes=10).to(device)
@@ -221,14 +186,6 @@ def run_degradation(model_name: str = "cifar_resnet20", steps: int = 300, batch_
     return result
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _depth(model_name: str) -> str:
     digits = "".join(ch for ch in model_name if ch.isdigit())
     return digits or model_name
@@ -248,7 +205,7 @@ def summary(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="cifar_resnet20", choices=MODELS)
+    parser.add_argument("--model", default="cifar_resnet20", choices=PLAIN_MODELS)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.1)
@@ -263,7 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fused_resnet.degradation",
+    parser = argparse.ArgumentParser(prog="python -m fused_resnet.tools.degradation",
                                      description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
@@ -276,15 +233,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run_from_train_args(args: argparse.Namespace) -> int:
-    """`python -m fused_resnet train --compare-plain ...` (fused_resnet/train.py): the
+    """`python -m fused_resnet train --compare-plain ...` (train.py): the
     train subcommand's arguments mapped onto run_degradation."""
     if args.data not in (None, "digits"):
         print(f"error: --compare-plain runs on the offline digits data only, got --data "
               f"{args.data}", file=sys.stderr)
         return 2
     model = args.model or "cifar_resnet20"
-    if model not in MODELS:
-        print(f"error: --compare-plain needs a basic-block model ({', '.join(MODELS)}), "
+    if model not in PLAIN_MODELS:
+        print(f"error: --compare-plain needs a basic-block model ({', '.join(PLAIN_MODELS)}), "
               f"got {model}", file=sys.stderr)
         return 2
     batch = args.batch or 64

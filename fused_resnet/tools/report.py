@@ -12,11 +12,14 @@ import math
 import os
 import platform
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
+
+import fused_resnet
 
 DEFAULT_RESULTS_DIR = Path("benchmarks") / "results"
 
@@ -65,11 +68,10 @@ def environment(device: str | torch.device = "cpu") -> dict:
     device = torch.device(device)
     gpu = gpu_name(device if device.type == "cuda" else None)
     try:
-        import fused_resnet
         backends = fused_resnet.available_backends()
-        version = getattr(fused_resnet, "__version__", None)
-    except Exception:  # noqa: BLE001
-        backends, version = None, None
+    except Exception:  # noqa: BLE001  (a broken build: the record says so by a null)
+        backends = None
+    version = getattr(fused_resnet, "__version__", None)
     env = {
         "device": device.type,
         "device_name": gpu if device.type == "cuda" else cpu_name(),
@@ -186,8 +188,10 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
 
 # --- plots ----------------------------------------------------------------------------------
 
-def _pyplot():
-    try:
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a note) when matplotlib is not
+    there: plots are optional."""
+    try:  # imported here: matplotlib is an optional dependency
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -203,12 +207,9 @@ def bar_chart(path: str | os.PathLike, groups: Sequence[dict], title: str,
     {"title": str, "labels": [...], "values": [... or None], "notes": [str per bar]}.
     Bars whose value is None are drawn as 'n/a'. Returns the path, or None when
     matplotlib is missing."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    import textwrap
     n = max(len(groups), 1)
     width = max(3.2, 0.9 * max((len(g["labels"]) for g in groups), default=1) + 1.5)
     fig_width = max(7.0, width * n)
@@ -243,8 +244,16 @@ def bar_chart(path: str | os.PathLike, groups: Sequence[dict], title: str,
     top = 1 - 0.05 * (title.count("\n") + 1)
     bottom = 0.03 * (footnote.count("\n") + 1) + 0.01 if footnote else 0
     fig.tight_layout(rect=(0, bottom, 1, top))
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write a figure made with `pyplot()` as a PNG (parent directories created) and
+    close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -294,7 +303,7 @@ def progress(total: Optional[int] = None, desc: str = "", disable: bool = False,
              leave: bool = True):
     """A progress bar on stderr: tqdm when installed, a plain fallback otherwise.
     Use as a context manager; call .update(n), .set_description(s), .set_postfix_str(s)."""
-    try:
+    try:  # imported here: tqdm is an optional dependency
         from tqdm.auto import tqdm
     except ImportError:
         return _PlainProgress(total, desc, disable)

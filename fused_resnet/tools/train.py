@@ -31,21 +31,20 @@ import math
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+import torchvision
 from torch import nn
 
-MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-          "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
-# the paper's CIFAR family (fused_resnet/cifar.py): fused only (no --compare), and
-# --compare-plain (the degradation experiment, fused_resnet/degradation.py)
-CIFAR_MODELS = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56",
-                "cifar_resnet110", "cifar_resnet1202")
+import fused_resnet
+
+from . import degradation, launch, loop, report
+from .arguments import CIFAR_MODELS, MODELS
+from .data import GlobalBatches, augment
+from .data import load as load_data
 
 # Arguments a resumed run takes from its checkpoint unless given again.
 _RESUMED = {"model": "resnet18", "data": "digits", "image_size": None, "batch": 64, "lr": None,
@@ -115,9 +114,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-# --- helpers ---------------------------------------------------------------------------------
+# --- data and models ------------------------------------------------------------------------
 
 def _lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
+    """The learning rate of `step` over the base one: linear warm-up, then cosine or step."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     if schedule == "step":
@@ -126,77 +126,8 @@ def _lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)        # torch.compile
-    return getattr(model, "module", model)           # DDP
-
-
-class _Run:
-    """One model being trained: module (maybe DDP/compiled), optimizer, schedule, curves."""
-
-    def __init__(self, label: str, model: nn.Module, args, total: int, device):
-        self.label = label
-        self.model = model
-        self.opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                   weight_decay=args.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: _lr_factor(s, total, args.schedule, args.warmup))
-        fp16 = args.amp and args.amp_dtype == "fp16"
-        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-        self.history = {"step": [], "loss": [], "train_acc": [], "lr": [],
-                        "eval": {"step": [], "loss": [], "acc": []}, "train_time_s": 0.0,
-                        "images": 0}
-        self.pending: list = []       # per-step [loss_sum, correct] tensors not yet fetched
-
-    def state(self) -> dict:
-        return {"state_dict": _unwrap(self.model).state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                "history": self.history}
-
-    def load(self, state: dict) -> None:
-        _unwrap(self.model).load_state_dict(state["state_dict"], strict=True)
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.history = state["history"]
-
-
-def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def _evaluate(model: nn.Module, data, args, device, rank: int, world: int) -> tuple:
-    """(mean loss, accuracy) on the validation set, sharded over the ranks; the bare module
-    runs (eval-mode BN folds: no collective inside), the totals are all-reduced."""
-    module = _unwrap(model)
-    was_training = module.training
-    module.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
-    with torch.no_grad(), _autocast(args, device):
-        for x, y in _val_batches(data, args, device, rank, world):
-            out = _logits(module(x))
-            totals[0] += F.cross_entropy(out, y, reduction="sum").double()
-            totals[1] += (out.argmax(1) == y).sum()
-            totals[2] += y.numel()
-    module.train(was_training)
-    _all_reduce(totals, world)
-    loss, correct, n = totals.tolist()
-    return loss / max(n, 1), correct / max(n, 1)
-
-
-def _logits(out: torch.Tensor) -> torch.Tensor:
-    """The loss in fp32 at least (AMP's fp16/bf16 logits), fp64 stays fp64."""
-    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
-
-
-def _autocast(args, device):
-    if not args.amp:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if args.amp_dtype == "bf16"
-                          else torch.float16)
+def _amp_dtype(args) -> Optional[torch.dtype]:
+    return report.DTYPES[args.amp_dtype] if args.amp else None
 
 
 def _to_input(x: torch.Tensor, args, device) -> torch.Tensor:
@@ -236,7 +167,6 @@ class _StepBatches(torch.utils.data.Sampler):
 
 def _train_batches(data, batches, args, device, start: int, total: int):
     if data.in_memory:
-        from .data import augment
         x_all, y_all = data.train.tensors
         for step in range(start, total):
             idx = batches.global_indices(step)
@@ -253,9 +183,6 @@ def _train_batches(data, batches, args, device, start: int, total: int):
 
 
 def _build(args, num_classes: int, device, world: int) -> tuple:
-    import torchvision
-
-    import fused_resnet
     torch.manual_seed(args.seed)
     fused = getattr(fused_resnet, args.model)(num_classes=num_classes)
     tv_model = None
@@ -286,9 +213,19 @@ def _build(args, num_classes: int, device, world: int) -> tuple:
     return models[0], models[1]
 
 
+# --- the plot --------------------------------------------------------------------------------
+
+def _ema(values: list) -> list:
+    """The exponential moving average (decay 0.9) of `values`, starting at the first."""
+    out, ema = [], None
+    for v in values:
+        ema = v if ema is None else 0.9 * ema + 0.1 * v
+        out.append(ema)
+    return out
+
+
 def _plot(path: Path, histories: dict, title: str) -> Optional[Path]:
-    from .report import _pyplot
-    plt = _pyplot()
+    plt = report.pyplot()
     if plt is None:
         return None
     colors = {"fused": "#c44e52", "torchvision": "#4c72b0"}
@@ -298,19 +235,12 @@ def _plot(path: Path, histories: dict, title: str) -> Optional[Path]:
         steps, loss = h["step"], h["loss"]
         c = colors.get(label)
         axes[0].plot(steps, loss, color=c, alpha=0.35, lw=0.8)
-        smooth, ema = [], None
-        for v in loss:
-            ema = v if ema is None else 0.9 * ema + 0.1 * v
-            smooth.append(ema)
-        axes[0].plot(steps, smooth, color=c, lw=1.6, label=f"{label} (EMA 0.9)")
+        axes[0].plot(steps, _ema(loss), color=c, lw=1.6, label=f"{label} (EMA 0.9)")
         ev = h["eval"]
         axes[1].plot(ev["step"], [100 * a for a in ev["acc"]], "o-", color=c, lw=1.6, ms=4,
                      label=f"{label} val")
-        acc_s, ema = [], None
-        for v in h["train_acc"]:
-            ema = v if ema is None else 0.9 * ema + 0.1 * v
-            acc_s.append(100 * ema)
-        axes[1].plot(steps, acc_s, "--", color=c, lw=1.0, alpha=0.7, label=f"{label} train (EMA)")
+        axes[1].plot(steps, [100 * a for a in _ema(h["train_acc"])], "--", color=c, lw=1.0,
+                     alpha=0.7, label=f"{label} train (EMA)")
     axes[0].set_yscale("log")
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("training loss")
@@ -332,10 +262,7 @@ def _plot(path: Path, histories: dict, title: str) -> Optional[Path]:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
 # --- the command ---------------------------------------------------------------------------
@@ -349,18 +276,244 @@ def _resolve(args, ckpt_args: Optional[dict], data_name: str) -> None:
         args.epochs = _DEFAULT_EPOCHS.get(data_name, 90)
 
 
+def resolve_arguments(args, ckpt: Optional[dict], device: torch.device) -> None:
+    """Fill in what the command line left open: from the checkpoint being resumed, else the
+    defaults, some of them the device's (AMP and channels_last on GPU)."""
+    data_name = args.data or (ckpt or {}).get("args", {}).get("data") or "digits"
+    data_name = data_name if data_name in ("digits", "synthetic") else "imagefolder"
+    _resolve(args, (ckpt or {}).get("args"), data_name)
+    gpu = device.type == "cuda"
+    args.amp = gpu if args.amp is None else args.amp
+    args.channels_last = gpu if args.channels_last is None else args.channels_last
+    args.torch_dtype = torch.float64 if args.dtype == "fp64" else torch.float32
+    if args.lr is None:
+        args.lr = 0.1 * args.batch / 256
+
+
+class TrainJob:
+    """One `train` run on this rank: the data, the models (fused, and torchvision's with
+    --compare) with their optimizers, the output files; `run()` trains, evaluates,
+    checkpoints and reports."""
+
+    def __init__(self, args, rank: int, world: int, device: torch.device):
+        self.args, self.rank, self.world, self.device = args, rank, world, device
+        self.is_main = rank == 0
+        ckpt = None
+        if args.resume:
+            ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+        resolve_arguments(args, ckpt, device)
+        if args.backend:
+            fused_resnet.set_backend(args.backend)
+        self.load_data()
+        self.build_runs()
+        self.start = self.resume(ckpt) if ckpt is not None else 0
+        self.name_outputs()
+
+    # -- setting up --
+
+    def load_data(self) -> None:
+        args = self.args
+        self.data = load_data(args.data, args.image_size, args.seed)
+        args.image_size = self.data.image_size
+        self.batches = GlobalBatches(len(self.data.train), args.batch, args.seed, self.rank,
+                                     self.world)
+        self.total = args.steps if args.steps is not None else \
+            max(1, int(round(args.epochs * self.batches.steps_per_epoch)))
+        self.eval_every = args.eval_every or self.batches.steps_per_epoch
+
+    def build_runs(self) -> None:
+        args, total = self.args, self.total
+        fused, tv_model = _build(args, self.data.num_classes, self.device, self.world)
+        models = [("fused", fused)] + ([("torchvision", tv_model)] if tv_model is not None
+                                       else [])
+        self.runs = [loop.TrainingRun(
+            label, model, args.lr, args.momentum, args.weight_decay,
+            lambda s: _lr_factor(s, total, args.schedule, args.warmup), self.device.type,
+            _amp_dtype(args)) for label, model in models]
+
+    def resume(self, ckpt: dict) -> int:
+        """Load every model's state from the checkpoint; the step it is at."""
+        for r in self.runs:
+            if r.label not in ckpt["runs"]:
+                raise ValueError(f"{self.args.resume} has no {r.label} model to resume "
+                                 "(was it trained without --compare?)")
+            r.load(ckpt["runs"][r.label])
+        return int(ckpt["step"])
+
+    def name_outputs(self) -> None:
+        args = self.args
+        self.name = args.name or f"train_{self.device.type}_{args.model}_{self.data.name}"
+        self.out_dir = Path(args.out)
+        self.json_path = self.out_dir / f"{self.name}.json"
+        self.png_path = self.out_dir / f"{self.name}.png"
+        self.ckpt_path = self.out_dir / f"{self.name}.ckpt.pt"
+        self.saved_args = {k: getattr(args, k) for k in _RESUMED}
+        self.saved_args["data"] = args.data
+
+    # -- the loop --
+
+    def run(self) -> int:
+        self.train()
+        if self.start >= self.total:
+            self.finish_without_training()
+        if self.is_main:
+            self.print_summary()
+        return 0
+
+    def train(self) -> None:
+        """Steps start..total-1; the curves fetched every 10 steps, evaluation, checkpoint
+        and results every eval_every steps and at the end."""
+        args, total = self.args, self.total
+        for r in self.runs:
+            r.model.train()
+        bar = report.progress(total=total, desc=f"train {args.model}",
+                              disable=args.quiet or not self.is_main)
+        if self.start:
+            bar.update(self.start)
+        for step, (x, y) in enumerate(_train_batches(self.data, self.batches, args, self.device,
+                                                     self.start, total), start=self.start):
+            for r in self.runs:
+                r.step(step, x, y, args.batch, self.world)
+            done = step + 1
+            bar.update(1)
+            if done % 10 == 0 or done == total or done % self.eval_every == 0:
+                for r in self.runs:
+                    r.flush(args.batch, self.world)
+                post = " ".join(f"{r.label[:5]} {r.history['loss'][-1]:.4f}" for r in self.runs)
+                bar.set_postfix_str(f"loss {post}")
+            if done % self.eval_every == 0 or done == total:
+                self.evaluate(done)
+                acc = " ".join(f"{r.label} {100 * r.history['eval']['acc'][-1]:.2f}%"
+                               for r in self.runs)
+                if self.is_main and not args.quiet:
+                    bar.write(f"step {done}/{total}: val acc {acc}", file=sys.stderr)
+                self.save_checkpoint(done)
+                self.write_results(final=done == total)
+        bar.close()
+
+    def finish_without_training(self) -> None:
+        """A checkpoint resumed at or past the last step: evaluate it if it never was, and
+        write the final results."""
+        report.note(f"the checkpoint is already at step {self.start} of {self.total}: "
+                    "nothing to train")
+        if not any(r.history["eval"]["step"] for r in self.runs):
+            self.evaluate(self.start)
+        self.write_results(final=True)
+
+    def evaluate(self, step: int) -> None:
+        """Validation loss and accuracy of every model, into its history."""
+        for r in self.runs:
+            batches = _val_batches(self.data, self.args, self.device, self.rank, self.world)
+            loss, correct, n = loop.evaluate(r.model, batches, self.device,
+                                             _amp_dtype(self.args), self.world)
+            r.history["eval"]["step"].append(step)
+            r.history["eval"]["loss"].append(loss / max(n, 1))
+            r.history["eval"]["acc"].append(correct / max(n, 1))
+
+    # -- files --
+
+    def save_checkpoint(self, step: int) -> None:
+        """NAME.ckpt.pt (rank 0, unless --no-save), replaced atomically; with
+        --keep-checkpoints also NAME.step<step>.ckpt.pt."""
+        args = self.args
+        if not (self.is_main and args.save):
+            return
+        state = {"state_dict": loop.unwrap(self.runs[0].model).state_dict(),
+                 "model": args.model, "num_classes": self.data.num_classes, "step": step,
+                 "total_steps": self.total, "args": self.saved_args,
+                 "runs": {r.label: r.state() for r in self.runs}}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.ckpt_path.with_name(self.ckpt_path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt_path)
+        if args.keep_checkpoints:
+            kept = self.out_dir / f"{self.name}.step{step}.ckpt.pt"
+            kept.unlink(missing_ok=True)
+            try:
+                os.link(self.ckpt_path, kept)     # the same file, no second write
+            except OSError:
+                shutil.copyfile(self.ckpt_path, kept)
+
+    def summary(self) -> dict:
+        """The final numbers of each model (and the fused-vs-torchvision loss gap)."""
+        summary = {}
+        for r in self.runs:
+            h = r.history
+            summary[r.label] = {
+                "final_val_acc": h["eval"]["acc"][-1] if h["eval"]["acc"] else None,
+                "final_val_loss": h["eval"]["loss"][-1] if h["eval"]["loss"] else None,
+                "final_train_loss": h["loss"][-1] if h["loss"] else None,
+                "train_time_s": h["train_time_s"],
+                "images_per_s": h["images"] / h["train_time_s"] if h["train_time_s"] else None}
+        if len(self.runs) == 2:
+            f, t = self.runs[0].history["loss"], self.runs[1].history["loss"]
+            gaps = [abs(a - b) / abs(b) for a, b in zip(f, t) if b]
+            summary["loss_rel_gap_first10_max"] = max(gaps[:10], default=None)
+            summary["loss_rel_gap_max"] = max(gaps, default=None)
+        return summary
+
+    def meta(self, final: bool) -> dict:
+        """The run's settings, for the JSON file."""
+        args, data, batches = self.args, self.data, self.batches
+        return {"command": "train", "model": args.model, "data": data.name,
+                "train_images": len(data.train), "val_images": len(data.val),
+                "num_classes": data.num_classes, "image_size": data.image_size,
+                "batch": args.batch, "world_size": self.world,
+                "local_batches": batches.local_sizes, "steps": self.total,
+                "steps_per_epoch": batches.steps_per_epoch,
+                "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay,
+                "schedule": args.schedule, "warmup": args.warmup, "seed": args.seed,
+                "dtype": args.dtype, "amp": bool(args.amp),
+                "amp_dtype": args.amp_dtype if args.amp else None,
+                "channels_last": bool(args.channels_last), "compile": bool(args.compile),
+                "fused_backend": fused_resnet.get_backend(),
+                "sync_bn": self.world > 1, "finished": final, "argv": sys.argv}
+
+    def plot_title(self, env: dict) -> str:
+        args, data, world = self.args, self.data, self.world
+        return (f"{args.model} on {data.name} ({len(data.train)} train images, "
+                f"{data.image_size}px), batch {args.batch} x {self.total} steps, "
+                f"{args.schedule} lr {args.lr:g}, {args.dtype}"
+                f"{' + AMP ' + args.amp_dtype if args.amp else ''}, "
+                f"{world} rank{'s' if world > 1 else ''}, {env['device_name']}")
+
+    def write_results(self, final: bool) -> None:
+        """NAME.json (rank 0); at the end also NAME.png."""
+        if not self.is_main:
+            return
+        hist = {r.label: r.history for r in self.runs}
+        summary = self.summary()
+        env = report.environment(self.device)
+        report.write_json(self.json_path, {"meta": self.meta(final), "environment": env,
+                                           "summary": summary, "history": hist})
+        if final:
+            _plot(self.png_path, hist, self.plot_title(env))
+
+    def print_summary(self) -> None:
+        args, world = self.args, self.world
+        rows = []
+        for r in self.runs:
+            h = r.history
+            acc = h["eval"]["acc"][-1] if h["eval"]["acc"] else float("nan")
+            ips = h["images"] / h["train_time_s"] if h["train_time_s"] else float("nan")
+            rows.append(f"  {r.label:<12} val acc {100 * acc:6.2f}%  val loss "
+                        f"{h['eval']['loss'][-1] if h['eval']['loss'] else float('nan'):.4f}  "
+                        f"train {h['train_time_s']:7.1f} s  {ips:8.1f} img/s")
+        print(f"{args.model} on {self.data.name}: {self.total} steps of {args.batch} images, "
+              f"{world} rank{'s' if world > 1 else ''} on {self.device.type}")
+        print("\n".join(rows))
+        print(f"wrote {self.json_path}"
+              + (f", {self.png_path}" if self.png_path.exists() else "")
+              + (f", {self.ckpt_path}" if args.save else ""))
+
+
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "compare_plain", False):  # fused_resnet/degradation.py
-        from .degradation import run_from_train_args
-        return run_from_train_args(args)
+    if getattr(args, "compare_plain", False):  # the degradation experiment instead
+        return degradation.run_from_train_args(args)
     if args.compare and args.model in CIFAR_MODELS:
         print(f"error: torchvision has no {args.model}: --compare needs an ImageNet model",
               file=sys.stderr)
         return 2
-    import fused_resnet
-    from . import data as data_mod
-    from . import launch as fdist
-    from .report import environment, note, progress, write_json
 
     # -- processes and device --
     want = args.device
@@ -371,207 +524,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     rank, world = 0, 1
     device = torch.device(want)
-    launched = fdist.launched_by_torchrun()
+    launched = launch.launched_by_torchrun()
     if launched:
-        rank, world, _local, device = fdist.init_from_env(device.type)
+        rank, world, _local, device = launch.init_from_env(device.type)
         if device.type == "cpu" and args.threads is None:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if args.threads:
         torch.set_num_threads(args.threads)
-    is_main = rank == 0
     try:
-        return _run(args, rank, world, device, is_main, fused_resnet, data_mod, environment,
-                    note, progress, write_json)
+        return TrainJob(args, rank, world, device).run()
     finally:
         if launched and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _run(args, rank, world, device, is_main, fused_resnet, data_mod, environment, note,
-         progress, write_json) -> int:
-    ckpt = None
-    if args.resume:
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
-    data_name = args.data or (ckpt or {}).get("args", {}).get("data") or "digits"
-    data_name = data_name if data_name in ("digits", "synthetic") else "imagefolder"
-    _resolve(args, (ckpt or {}).get("args"), data_name)
-    gpu = device.type == "cuda"
-    args.amp = gpu if args.amp is None else args.amp
-    args.channels_last = gpu if args.channels_last is None else args.channels_last
-    args.torch_dtype = torch.float64 if args.dtype == "fp64" else torch.float32
-    if args.lr is None:
-        args.lr = 0.1 * args.batch / 256
-    if args.backend:
-        fused_resnet.set_backend(args.backend)
-
-    data = data_mod.load(args.data, args.image_size, args.seed)
-    args.image_size = data.image_size
-    batches = data_mod.GlobalBatches(len(data.train), args.batch, args.seed, rank, world)
-    total = args.steps if args.steps is not None else \
-        max(1, int(round(args.epochs * batches.steps_per_epoch)))
-    eval_every = args.eval_every or batches.steps_per_epoch
-    fused, tv_model = _build(args, data.num_classes, device, world)
-    runs = [_Run("fused", fused, args, total, device)]
-    if tv_model is not None:
-        runs.append(_Run("torchvision", tv_model, args, total, device))
-
-    start = 0
-    if ckpt is not None:
-        for r in runs:
-            if r.label not in ckpt["runs"]:
-                raise ValueError(f"{args.resume} has no {r.label} model to resume "
-                                 "(was it trained without --compare?)")
-            r.load(ckpt["runs"][r.label])
-        start = int(ckpt["step"])
-
-    name = args.name or f"train_{device.type}_{args.model}_{data.name}"
-    out_dir = Path(args.out)
-    json_path, png_path = out_dir / f"{name}.json", out_dir / f"{name}.png"
-    ckpt_path = out_dir / f"{name}.ckpt.pt"
-    saved_args = {k: getattr(args, k) for k in _RESUMED}
-    saved_args["data"] = args.data
-
-    def save_checkpoint(step: int) -> None:
-        if not (is_main and args.save):
-            return
-        state = {"state_dict": _unwrap(fused).state_dict(), "model": args.model,
-                 "num_classes": data.num_classes, "step": step, "total_steps": total,
-                 "args": saved_args, "runs": {r.label: r.state() for r in runs}}
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, ckpt_path)
-        if args.keep_checkpoints:
-            kept = out_dir / f"{name}.step{step}.ckpt.pt"
-            kept.unlink(missing_ok=True)
-            try:
-                os.link(ckpt_path, kept)     # the same file, no second write
-            except OSError:
-                shutil.copyfile(ckpt_path, kept)
-
-    def flush(r: _Run) -> None:
-        if not r.pending:
-            return
-        stats = torch.stack([s for _, s in r.pending])
-        _all_reduce(stats, world)
-        for (step, _), (loss_sum, correct) in zip(r.pending, stats.tolist()):
-            r.history["step"].append(step)
-            r.history["loss"].append(loss_sum / args.batch)
-            r.history["train_acc"].append(correct / args.batch)
-            r.history["lr"].append(args.lr * _lr_factor(step, total, args.schedule, args.warmup))
-        r.pending.clear()
-
-    def evaluate(step: int) -> None:
-        for r in runs:
-            loss, acc = _evaluate(r.model, data, args, device, rank, world)
-            r.history["eval"]["step"].append(step)
-            r.history["eval"]["loss"].append(loss)
-            r.history["eval"]["acc"].append(acc)
-
-    def write_results(final: bool) -> None:
-        if not is_main:
-            return
-        hist = {r.label: r.history for r in runs}
-        summary = {}
-        for r in runs:
-            h = r.history
-            summary[r.label] = {
-                "final_val_acc": h["eval"]["acc"][-1] if h["eval"]["acc"] else None,
-                "final_val_loss": h["eval"]["loss"][-1] if h["eval"]["loss"] else None,
-                "final_train_loss": h["loss"][-1] if h["loss"] else None,
-                "train_time_s": h["train_time_s"],
-                "images_per_s": h["images"] / h["train_time_s"] if h["train_time_s"] else None}
-        if len(runs) == 2:
-            f, t = hist["fused"]["loss"], hist["torchvision"]["loss"]
-            gaps = [abs(a - b) / abs(b) for a, b in zip(f, t) if b]
-            summary["loss_rel_gap_first10_max"] = max(gaps[:10], default=None)
-            summary["loss_rel_gap_max"] = max(gaps, default=None)
-        env = environment(device)
-        meta = {"command": "train", "model": args.model, "data": data.name,
-                "train_images": len(data.train), "val_images": len(data.val),
-                "num_classes": data.num_classes, "image_size": data.image_size,
-                "batch": args.batch, "world_size": world, "local_batches": batches.local_sizes,
-                "steps": total, "steps_per_epoch": batches.steps_per_epoch,
-                "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay,
-                "schedule": args.schedule, "warmup": args.warmup, "seed": args.seed,
-                "dtype": args.dtype, "amp": bool(args.amp),
-                "amp_dtype": args.amp_dtype if args.amp else None,
-                "channels_last": bool(args.channels_last), "compile": bool(args.compile),
-                "fused_backend": fused_resnet.get_backend(),
-                "sync_bn": world > 1, "finished": final, "argv": sys.argv}
-        write_json(json_path, {"meta": meta, "environment": env, "summary": summary,
-                               "history": hist})
-        if final:
-            title = (f"{args.model} on {data.name} ({len(data.train)} train images, "
-                     f"{data.image_size}px), batch {args.batch} x {total} steps, "
-                     f"{args.schedule} lr {args.lr:g}, {args.dtype}"
-                     f"{' + AMP ' + args.amp_dtype if args.amp else ''}, "
-                     f"{world} rank{'s' if world > 1 else ''}, {env['device_name']}")
-            _plot(png_path, hist, title)
-
-    # -- the loop --
-    for r in runs:
-        r.model.train()
-    bar = progress(total=total, desc=f"train {args.model}", disable=args.quiet or not is_main)
-    if start:
-        bar.update(start)
-    gpu_sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for step, (x, y) in enumerate(_train_batches(data, batches, args, device, start, total),
-                                  start=start):
-        for r in runs:
-            gpu_sync()
-            t0 = time.perf_counter()
-            with _autocast(args, device):
-                out = r.model(x)
-            out = _logits(out)
-            loss_sum = F.cross_entropy(out, y, reduction="sum")
-            # DDP averages the ranks' gradients: this scaling makes the average the
-            # gradient of the global batch's mean loss (ranks may hold different counts)
-            loss = loss_sum * (world / args.batch)
-            r.opt.zero_grad(set_to_none=True)
-            r.scaler.scale(loss).backward()
-            r.scaler.step(r.opt)
-            r.scaler.update()
-            r.sched.step()
-            gpu_sync()
-            r.history["train_time_s"] += time.perf_counter() - t0
-            r.history["images"] += args.batch
-            correct = (out.detach().argmax(1) == y).sum()
-            r.pending.append((step, torch.stack([loss_sum.detach().double(),
-                                                 correct.double()])))
-        done = step + 1
-        bar.update(1)
-        if done % 10 == 0 or done == total or done % eval_every == 0:
-            for r in runs:
-                flush(r)
-            post = " ".join(f"{r.label[:5]} {r.history['loss'][-1]:.4f}" for r in runs)
-            bar.set_postfix_str(f"loss {post}")
-        if done % eval_every == 0 or done == total:
-            evaluate(done)
-            acc = " ".join(f"{r.label} {100 * r.history['eval']['acc'][-1]:.2f}%" for r in runs)
-            if is_main and not args.quiet:
-                bar.write(f"step {done}/{total}: val acc {acc}", file=sys.stderr)
-            save_checkpoint(done)
-            write_results(final=done == total)
-    bar.close()
-    if start >= total:
-        note(f"the checkpoint is already at step {start} of {total}: nothing to train")
-        if not any(r.history["eval"]["step"] for r in runs):
-            evaluate(start)
-        write_results(final=True)
-    if is_main:
-        rows = []
-        for r in runs:
-            h = r.history
-            acc = h["eval"]["acc"][-1] if h["eval"]["acc"] else float("nan")
-            ips = h["images"] / h["train_time_s"] if h["train_time_s"] else float("nan")
-            rows.append(f"  {r.label:<12} val acc {100 * acc:6.2f}%  val loss "
-                        f"{h['eval']['loss'][-1] if h['eval']['loss'] else float('nan'):.4f}  "
-                        f"train {h['train_time_s']:7.1f} s  {ips:8.1f} img/s")
-        print(f"{args.model} on {data.name}: {total} steps of {args.batch} images, {world} "
-              f"rank{'s' if world > 1 else ''} on {device.type}")
-        print("\n".join(rows))
-        print(f"wrote {json_path}" + (f", {png_path}" if png_path.exists() else "")
-              + (f", {ckpt_path}" if args.save else ""))
-    return 0

@@ -6,8 +6,8 @@ from fused_resnet.tools import cli, degradation
 
 
 def test_degradation_experiment_runs(tmp_path):
-    result = degradation.run_degradation("cifar_resnet20", steps=2, batch_size=8, out_dir=tmp_path,
-                             progress=False, final_eval_images=32)
+    result = degradation.run_degradation("cifar_resnet20", steps=2, batch_size=8,
+                                         out_dir=tmp_path, progress=False, final_eval_images=32)
     saved = json.loads((tmp_path / "degradation_cifar_resnet20.json").read_text())
     assert set(saved["curves"]) == {"plain", "residual"}
     for name, curve in saved["curves"].items():

@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 import fused_resnet
-from fused_resnet.tools import cli
+from fused_resnet.tools import cli, data
 
 pytest.importorskip("sklearn")
 
@@ -86,7 +86,6 @@ def test_fp32_checkpoint_resume_and_compare(tmp_path):
         assert torch.equal(a, b), k
     # the fused model's checkpointed weights evaluate to the logged accuracy
     fr.eval(), tv.eval()
-    from fused_resnet.tools import data
     d = data.load("digits", 16)
     x, y = d.val.tensors
     with torch.no_grad():
@@ -151,7 +150,7 @@ def test_torchrun_two_gloo_ranks_equal_one_process(tmp_path):
 
 def test_image_folder(tmp_path):
     """--data PATH: an ImageFolder directory (here PATH/<class>/*.png, split 90/10)."""
-    from PIL import Image
+    from PIL import Image  # here: only this test writes image files (torchvision's PIL)
     gen = torch.Generator().manual_seed(0)
     for c in ("cat", "dog", "eel"):
         (tmp_path / "imgs" / c).mkdir(parents=True)
