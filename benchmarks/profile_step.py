@@ -151,7 +151,7 @@ def profile_one(model_name: str, label: str, cfg: dict, device: torch.device, tr
             step = bench.make_step(spec, model, "train", x, y, cfg["compile_backend"])
             for _ in range(cfg["warmup"]):
                 step()
-            seconds, _ = bench.time_steps(step, 0, 1, device)
+            seconds, _, _ = bench.time_steps(step, 0, 1, device)
             activities = [ProfilerActivity.CPU]
             if device.type == "cuda":
                 activities.append(ProfilerActivity.CUDA)

@@ -1,20 +1,28 @@
-"""Time eager PyTorch, torch.compile and the fused models side by side (img/s, peak memory).
+"""Time eager PyTorch, torch.compile and the fused models side by side (img/s, peak memory,
+dispatched ops and host milliseconds per step).
 
 Every implementation runs in this process on the same input batch and from the same
 initial weights (the torchvision model's state_dict; the fused models are made with
-fused_resnet.convert), one after the other:
+fused_resnet.convert), one after the other, and all at the run's precision (--dtype:
+fp32, or autocast bf16 / fp16 with fp32 weights) and memory format (--memory-format,
+channels_last by default) unless a label overrides them (`eager@fp32@nchw`):
 
-  eager                 torchvision, NCHW, no autocast, fp32 (the baseline; `eager@bf16`
-                        casts its parameters and inputs to bf16 instead)
-  eager-cl-amp          torchvision, channels_last, autocast (--dtype if bf16/fp16, else bf16)
-  compile               torch.compile(torchvision model), settings of eager-cl-amp
+  eager                 torchvision (the baseline of the ratios)
+  eager-cl-amp          torchvision, channels_last under autocast (needs --dtype bf16/fp16)
+  compile               torch.compile(torchvision model)
   compile-max-autotune  the same with mode="max-autotune"
-  fused                 fused_resnet model, backend auto, channels_last, autocast when
-                        --dtype is bf16/fp16 (plain fp32 channels_last otherwise)
+  fused                 fused_resnet model, backend auto
   fused-<backend>       the same on one backend: reference, cpu, cuda, triton
+  eager-graphs          eager's whole step captured in one CUDA graph (tools/cuda_graphs.py)
+  compile-graphs        torch.compile(mode="reduce-overhead") (its own CUDA graphs)
+  fused-graphs          fused's whole step captured in one CUDA graph
 
 train = forward + cross-entropy + backward + SGD step (momentum 0.9, weight decay 1e-4);
 infer = eval() + no_grad forward. CUDA timing uses CUDA events after the warm-up.
+ops/step: the ops one step dispatches (fused_resnet.testing.dispatch.DispatchCounter;
+not for the compiled and captured rows, whose ops do not go through the dispatcher one by
+one); host ms/step: the main thread's CPU time per timed step (on a GPU, what issuing the
+step costs the host).
 
 Examples:
   python -m fused_resnet bench                                     # machine-suited defaults
@@ -41,32 +49,37 @@ import torchvision
 
 import fused_resnet
 
+from ..testing.dispatch import DispatchCounter
 from . import report
+from .cuda_graphs import GraphedTrainStep
 from .arguments import (MODELS, comma_list, model_list, non_negative_int, positive_int,
-                        positive_int_list)
+                        positive_int_list, unwritable)
 
 FUSED_BACKENDS = ("reference", "cpu", "cuda", "triton")
+GRAPH_IMPLS = ("eager-graphs", "compile-graphs", "fused-graphs")
 IMPLS = ("eager", "eager-cl-amp", "compile", "compile-max-autotune", "fused") + tuple(
-    f"fused-{b}" for b in FUSED_BACKENDS)
+    f"fused-{b}" for b in FUSED_BACKENDS) + GRAPH_IMPLS
 BENCH_DTYPES = ("fp32", "bf16", "fp16")
+LAYOUTS = {"cl": True, "nchw": False}      # label suffixes: channels_last or not
+MEMORY_FORMATS = ("channels_last", "contiguous")
 MODES = ("train", "infer", "both")
 AUTO_OUT = "<auto>"
 
 # Defaults that suit the machine: a CPU run of about a minute on a few cores, or the
 # standard GPU training benchmark.
 CPU_DEFAULTS = dict(model="resnet50", resolution=128, batch=16, dtype="fp32", mode="train",
-                    impl="eager,fused", warmup=1, steps=4)
+                    impl="eager,compile,fused", warmup=1, steps=4)
 GPU_DEFAULTS = dict(model="resnet50", resolution=224, batch=256, dtype="bf16", mode="train",
-                    impl="eager,eager-cl-amp,compile,fused", warmup=10, steps=30)
+                    impl="eager,compile,fused,fused-graphs", warmup=10, steps=30)
 
 # `--suite gpu`: everything the GPU benchmark issue asks for. `--tiny`: the same loop on
 # CPU at toy size (torch.compile is skipped there: it takes minutes per model on CPU).
 SUITE_GPU = dict(models=("resnet50", "resnet152"), batches=(256, 128), modes=("train", "infer"),
                  resolution=224, dtype="bf16", warmup=10, steps=30,
-                 impls=("eager", "eager-cl-amp", "compile", "compile-max-autotune", "fused"))
+                 impls=("eager", "compile", "compile-max-autotune", "fused") + GRAPH_IMPLS)
 SUITE_TINY = dict(models=("resnet18", "resnet50"), batches=(2,), modes=("train", "infer"),
                   resolution=32, dtype="bf16", warmup=1, steps=1,
-                  impls=("eager", "eager-cl-amp", "compile", "compile-max-autotune", "fused"))
+                  impls=("eager", "compile", "compile-max-autotune", "fused") + GRAPH_IMPLS)
 
 PEAK_MEM_FOOTNOTE_CPU = ("peak memory is reported only on CUDA (torch.cuda.max_memory_allocated "
                          "after a reset per implementation); CPU allocations are not tracked, "
@@ -76,20 +89,23 @@ PEAK_MEM_FOOTNOTE_CPU = ("peak memory is reported only on CUDA (torch.cuda.max_m
 # --- arguments ------------------------------------------------------------------------------
 
 def impl_list(text: str) -> list:
-    """Comma-separated implementations, each optionally `name@dtype`."""
+    """Comma-separated implementations, each optionally with @dtype and @layout suffixes
+    (`eager@fp32@nchw`)."""
     items = comma_list(text, "one or more implementations")
     for item in items:
-        name, _, dtype = item.partition("@")
+        name, *suffixes = item.split("@")
         if name not in IMPLS:
             raise argparse.ArgumentTypeError(
                 f"unknown implementation {name!r}; choose from: {', '.join(IMPLS)} "
-                "(optionally with @fp32|@bf16|@fp16)")
-        if dtype and dtype not in BENCH_DTYPES:
-            raise argparse.ArgumentTypeError(
-                f"unknown dtype {dtype!r} in {item!r}; choose from: {', '.join(BENCH_DTYPES)}")
-        if dtype == "fp32" and name in ("eager-cl-amp", "compile", "compile-max-autotune"):
-            raise argparse.ArgumentTypeError(
-                f"{name} runs under autocast: use @bf16 or @fp16, not {item!r}")
+                "(optionally with @fp32|@bf16|@fp16 and @cl|@nchw)")
+        for suffix in suffixes:
+            if suffix not in BENCH_DTYPES and suffix not in LAYOUTS:
+                raise argparse.ArgumentTypeError(
+                    f"unknown suffix {suffix!r} in {item!r}; choose a dtype "
+                    f"({', '.join(BENCH_DTYPES)}) or a layout ({', '.join(LAYOUTS)})")
+            if name == "eager-cl-amp" and suffix in ("fp32", "nchw"):
+                raise argparse.ArgumentTypeError(
+                    f"eager-cl-amp is channels_last under autocast: not {item!r}")
     return list(dict.fromkeys(items))
 
 
@@ -107,13 +123,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=positive_int_list, default=None, metavar="N[,N]",
                         help=f"batch size(s) ({both('batch')})")
     parser.add_argument("--dtype", choices=BENCH_DTYPES, default=None,
-                        help=f"autocast dtype of the mixed-precision implementations; "
-                             f"fp32 runs the fused models in fp32 ({both('dtype')})")
+                        help=f"the precision of every implementation: fp32, or autocast "
+                             f"bf16 / fp16 with fp32 weights ({both('dtype')})")
+    parser.add_argument("--memory-format", choices=MEMORY_FORMATS, default="channels_last",
+                        help="the memory format of every implementation (default "
+                             "channels_last)")
     parser.add_argument("--resolution", type=positive_int, default=None, metavar="R",
                         help=f"input height and width ({both('resolution')})")
     parser.add_argument("--impl", type=impl_list, default=None, metavar="IMPL[,IMPL]",
                         help=f"comma-separated implementations among {', '.join(IMPLS)}, "
-                             f"each optionally @dtype ({both('impl')})")
+                             f"each optionally @dtype and @cl / @nchw ({both('impl')})")
     parser.add_argument("--warmup", type=non_negative_int, default=None,
                         help=f"untimed steps first ({both('warmup')})")
     parser.add_argument("--steps", type=positive_int, default=None,
@@ -162,34 +181,52 @@ class ImplSpec:
     compile_mode: Optional[str] = None   # None: no torch.compile
     fused: bool = False
     backend: Optional[str] = None    # fused_resnet backend ("auto", "cpu", ...)
+    graphs: bool = False             # the whole step captured in a CUDA graph
     skip: Optional[str] = None       # why it will not run (reported, not raised)
 
+    @property
+    def layout(self) -> str:
+        return "channels_last" if self.channels_last else "NCHW"
+
     def describe(self) -> str:
-        parts = ["channels_last" if self.channels_last else "NCHW"]
+        parts = [self.layout]
         parts.append(f"autocast {report.DTYPE_NAMES[self.amp_dtype]}" if self.amp_dtype
                      else f"{report.DTYPE_NAMES[self.param_dtype]} weights")
         if self.compile_mode:
             parts.append(f"torch.compile(mode={self.compile_mode})")
         if self.fused:
             parts.append(f"fused_resnet backend {self.backend}")
+        if self.graphs:
+            parts.append("whole step in one CUDA graph")
         return ", ".join(parts)
 
 
-def plan_impl(label: str, dtype: str) -> ImplSpec:
-    name, _, override = label.partition("@")
-    if name == "eager":
-        d = override or "fp32"
-        return ImplSpec(label, name, d, report.DTYPES[d], None, False)
-    if name in ("eager-cl-amp", "compile", "compile-max-autotune"):
-        d = override or (dtype if dtype in ("bf16", "fp16") else "bf16")
-        mode = {"compile": "default", "compile-max-autotune": "max-autotune"}.get(name)
-        return ImplSpec(label, name, d, torch.float32, report.DTYPES[d], True, mode)
-    if name == "fused" or name.startswith("fused-"):
-        d = override or dtype
-        amp = report.DTYPES[d] if d in ("bf16", "fp16") else None
-        backend = "auto" if name == "fused" else name[len("fused-"):]
-        return ImplSpec(label, name, d, torch.float32, amp, True, fused=True, backend=backend)
-    raise ValueError(f"unknown implementation {label!r}")
+def plan_impl(label: str, dtype: str, channels_last: bool = True) -> ImplSpec:
+    """What `label` runs at the run's dtype and layout (its @ suffixes override them)."""
+    name, *suffixes = label.split("@")
+    for suffix in suffixes:
+        if suffix in LAYOUTS:
+            channels_last = LAYOUTS[suffix]
+        else:
+            dtype = suffix
+    amp = report.DTYPES[dtype] if dtype in ("bf16", "fp16") else None
+    skip = None
+    if name == "eager-cl-amp":
+        channels_last = True
+        if amp is None:
+            skip = "eager-cl-amp runs under autocast: needs --dtype bf16 or fp16"
+    spec = ImplSpec(label, name, dtype, torch.float32, amp, channels_last, skip=skip)
+    if name in ("compile", "compile-max-autotune", "compile-graphs"):
+        spec.compile_mode = {"compile": "default", "compile-max-autotune": "max-autotune",
+                             "compile-graphs": "reduce-overhead"}[name]
+    elif name.startswith("fused"):
+        spec.fused = True
+        spec.backend = name[len("fused-"):] if name.startswith("fused-") and \
+            name != "fused-graphs" else "auto"
+    elif name not in ("eager", "eager-cl-amp", "eager-graphs"):
+        raise ValueError(f"unknown implementation {label!r}")
+    spec.graphs = name in ("eager-graphs", "fused-graphs")
+    return spec
 
 
 def backend_status(backend: str, device: torch.device) -> tuple:
@@ -253,6 +290,8 @@ def make_step(spec: ImplSpec, model: torch.nn.Module, mode: str, x: torch.Tensor
     x = x.to(spec.param_dtype)
     if spec.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    if spec.graphs:
+        return captured_step(spec, model, mode, x, y)
 
     def amp():
         if spec.amp_dtype is None:
@@ -287,6 +326,30 @@ def make_step(spec: ImplSpec, model: torch.nn.Module, mode: str, x: torch.Tensor
     return step
 
 
+def captured_step(spec: ImplSpec, model: torch.nn.Module, mode: str, x: torch.Tensor,
+                  y: torch.Tensor) -> Callable[[], None]:
+    """The step as one CUDA-graph replay (the training step: tools/cuda_graphs.py)."""
+    if mode == "train":
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        graphed = GraphedTrainStep(model, opt, x, y, amp_dtype=spec.amp_dtype)
+        return graphed.graph.replay
+    model.eval()
+    amp = (torch.autocast("cuda", dtype=spec.amp_dtype, cache_enabled=False)
+           if spec.amp_dtype is not None else contextlib.nullcontext())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), amp:
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                model(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(x)
+    return graph.replay
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -301,7 +364,8 @@ def _repeat(step: Callable[[], None], n: int, bar=None) -> None:
 
 def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.device,
                bar=None) -> tuple:
-    """(seconds for `steps` timed steps, seconds of the warm-up)."""
+    """(seconds for `steps` timed steps, seconds of the warm-up, host CPU seconds of the
+    timed steps: the main thread's, without the final wait for the device)."""
     t0 = time.perf_counter()
     _repeat(step, warmup, bar)
     _sync(device)
@@ -310,13 +374,24 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
+        host0 = time.thread_time()
         _repeat(step, steps, bar)
+        host = time.thread_time() - host0
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1000.0, warm
-    t0 = time.perf_counter()
+        return start.elapsed_time(end) / 1000.0, warm, host
+    t0, host0 = time.perf_counter(), time.thread_time()
     _repeat(step, steps, bar)
-    return time.perf_counter() - t0, warm
+    return time.perf_counter() - t0, warm, time.thread_time() - host0
+
+
+def count_dispatched(step: Callable[[], None], spec: ImplSpec) -> tuple:
+    """(ops, host syncs) of one step, or (None, None) for the compiled and captured rows."""
+    if spec.compile_mode is not None or spec.graphs:
+        return None, None
+    with DispatchCounter() as counter:
+        step()
+    return counter.launches, counter.syncs
 
 
 def free_memory(device: torch.device) -> None:
@@ -346,6 +421,7 @@ class Config:
     seed: int = 0
     compile_backend: str = "inductor"
     skip: dict = field(default_factory=dict)   # impl label -> reason to skip
+    channels_last: bool = True                 # the run's memory format
 
 
 def run_config(cfg: Config, bar=None, state: Optional[dict] = None, inputs=None) -> list:
@@ -356,11 +432,15 @@ def run_config(cfg: Config, bar=None, state: Optional[dict] = None, inputs=None)
                                                          cfg.num_classes, cfg.seed, device)
     results = []
     for label in cfg.impls:
-        spec = plan_impl(label, cfg.dtype)
-        res = dict(impl=label, dtype=spec.dtype, description=spec.describe(), status="ok",
-                   note="", img_per_s=None, peak_mem_gib=None, step_ms=None, warmup_s=None,
-                   backend=None)
-        reason = cfg.skip.get(label)
+        spec = plan_impl(label, cfg.dtype, cfg.channels_last)
+        res = dict(impl=label, dtype=spec.dtype, layout=spec.layout,
+                   description=spec.describe(), status="ok", note="", img_per_s=None,
+                   peak_mem_gib=None, step_ms=None, warmup_s=None, backend=None,
+                   ops_per_step=None, syncs_per_step=None, host_ms_per_step=None)
+        reason = cfg.skip.get(label) or spec.skip
+        if reason is None and (spec.graphs or spec.compile_mode == "reduce-overhead") \
+                and device.type != "cuda":
+            reason = "needs CUDA"
         if reason is None and spec.fused:
             res["backend"], reason = backend_status(spec.backend, device)
             if res["backend"] is not None:
@@ -384,9 +464,11 @@ def run_config(cfg: Config, bar=None, state: Optional[dict] = None, inputs=None)
             with backend_context(spec):
                 model = build_model(spec, cfg.model, cfg.num_classes, state, device)
                 step = make_step(spec, model, cfg.mode, x, y, cfg.compile_backend)
-                seconds, warm = time_steps(step, cfg.warmup, cfg.steps, device, bar)
+                seconds, warm, host = time_steps(step, cfg.warmup, cfg.steps, device, bar)
+                res["ops_per_step"], res["syncs_per_step"] = count_dispatched(step, spec)
             res["img_per_s"] = cfg.batch * cfg.steps / seconds
             res["step_ms"] = 1000.0 * seconds / cfg.steps
+            res["host_ms_per_step"] = 1000.0 * host / cfg.steps
             res["warmup_s"] = warm
             if device.type == "cuda":
                 res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -409,7 +491,7 @@ def run_config(cfg: Config, bar=None, state: Optional[dict] = None, inputs=None)
 
 def _add_ratios(results: list) -> None:
     ok = [r for r in results if r["img_per_s"]]
-    base = next((r for r in ok if r["impl"] == "eager"), ok[0] if ok else None)
+    base = next((r for r in ok if r["impl"].split("@")[0] == "eager"), ok[0] if ok else None)
     for r in results:
         r["ratio_to"] = base["impl"] if base else None
         r["ratio"] = r["img_per_s"] / base["img_per_s"] if base and r["img_per_s"] else None
@@ -431,12 +513,13 @@ def format_results(cfg: Config, results: list, env: dict) -> str:
     ratio_head = f"vs {base}" if base else "ratio"
     rows = []
     for r in results:
-        rows.append([r["impl"], r["dtype"], r["img_per_s"],
+        rows.append([r["impl"], r["dtype"], r["layout"], r["img_per_s"],
                      f"{r['ratio']:.2f}x" if r["ratio"] else "-",
-                     r["peak_mem_gib"], r["step_ms"], r["note"] or r["description"]])
+                     r["peak_mem_gib"], r["step_ms"], r["host_ms_per_step"], r["ops_per_step"],
+                     r["note"] or r["description"]])
     table = report.format_table(
-        ["impl", "dtype", "img/s", ratio_head, "peak GiB", "ms/step", "notes"], rows,
-        align="llrrrrl")
+        ["impl", "dtype", "layout", "img/s", ratio_head, "peak GiB", "ms/step", "host ms",
+         "ops/step", "notes"], rows, align="lllrrrrrrl")
     lines = [run_title(cfg, env), table]
     if cfg.device.type != "cuda":
         lines.append(f"peak GiB: {PEAK_MEM_FOOTNOTE_CPU}")
@@ -444,9 +527,12 @@ def format_results(cfg: Config, results: list, env: dict) -> str:
 
 
 def rows_for_json(cfg: Config, results: list) -> list:
-    return [dict(model=cfg.model, mode=cfg.mode, dtype=r["dtype"], batch=cfg.batch,
-                 resolution=cfg.resolution, impl=r["impl"], img_per_s=r["img_per_s"],
-                 peak_mem_gib=r["peak_mem_gib"]) for r in results]
+    return [dict(model=cfg.model, mode=cfg.mode, dtype=r["dtype"], layout=r["layout"],
+                 batch=cfg.batch, resolution=cfg.resolution, impl=r["impl"],
+                 img_per_s=r["img_per_s"], peak_mem_gib=r["peak_mem_gib"],
+                 step_ms=r["step_ms"], host_ms_per_step=r["host_ms_per_step"],
+                 ops_per_step=r["ops_per_step"], syncs_per_step=r["syncs_per_step"])
+            for r in results]
 
 
 def result_document(runs: list, env: dict, settings: dict) -> dict:
@@ -536,6 +622,10 @@ def run(args) -> int:
     if args.tiny:
         report.note("--tiny only applies to --suite; ignored")
     device = _device(args, parser)
+    if args.out is not None:
+        problem = unwritable(resolve_out(args.out, "bench.json").parent)
+        if problem:
+            parser.error(f"--out {args.out!r}: cannot write there: {problem}")
     d = _defaults(args, device)
     modes = ("train", "infer") if d["mode"] == "both" else (d["mode"],)
     configs = [(m, b) for m in d["models"] for b in d["batches"]]
@@ -554,7 +644,8 @@ def run(args) -> int:
             for mode in modes:
                 cfg = Config(model, mode, batch, d["dtype"], d["resolution"], d["impls"],
                              d["warmup"], d["steps"], device, args.num_classes, args.seed,
-                             args.compile_backend)
+                             args.compile_backend,
+                             channels_last=args.memory_format == "channels_last")
                 results = run_config(cfg, bar, state, inputs)
                 runs.append((cfg, results))
                 report.emit(bar, format_results(cfg, results, env) + "\n")
@@ -585,7 +676,10 @@ def _settings(d: dict, args, device: torch.device) -> dict:
                 loss="cross_entropy", compile_backend=args.compile_backend,
                 timing="CUDA events after warm-up" if device.type == "cuda"
                 else "time.perf_counter after warm-up",
-                impls={label: plan_impl(label, d["dtype"]).describe() for label in d["impls"]})
+                memory_format=args.memory_format,
+                impls={label: plan_impl(label, d["dtype"],
+                                        args.memory_format == "channels_last").describe()
+                       for label in d["impls"]})
 
 
 # --- the GPU suite --------------------------------------------------------------------------
@@ -618,6 +712,9 @@ def run_suite(args, parser) -> int:
     out_dir = Path(args.out) if args.out not in (None, AUTO_OUT) else report.DEFAULT_RESULTS_DIR
     if out_dir.suffix.lower() == ".json":
         parser.error("--suite writes several files: give --out a directory")
+    problem = unwritable(out_dir)
+    if problem:
+        parser.error(f"--out {str(out_dir)!r}: cannot write there: {problem}")
     tag = f"{device.type}" + ("_tiny" if args.tiny else "")
     env = report.environment(device)
     plan = [(m, b, mode) for m in models for b in batches for mode in modes]
@@ -632,7 +729,8 @@ def run_suite(args, parser) -> int:
     with report.progress(total, desc="suite", disable=args.no_progress) as bar:
         for model, batch, mode in plan:
             cfg = Config(model, mode, batch, dtype, resolution, impls, warmup, steps, device,
-                         args.num_classes, args.seed, args.compile_backend, skip)
+                         args.num_classes, args.seed, args.compile_backend, skip,
+                         channels_last=args.memory_format == "channels_last")
             results = run_config(cfg, bar)
             all_ok &= all(r["status"] != "failed" for r in results)
             report.emit(bar, format_results(cfg, results, env) + "\n")
@@ -655,15 +753,18 @@ def suite_markdown(runs: list, env: dict) -> str:
     lines = [f"# fused_resnet benchmark suite: {_device_label(env)}", "",
              f"torch {env['torch']}, torchvision {env['torchvision']}, triton {env['triton']}, "
              f"python {env['python']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; {env['date']}.",
-             "img/s: images per second (higher is better); ratio: against eager (plain fp32 "
-             "torchvision, NCHW) of the same run, or against its first implementation when "
-             "eager is not in it; peak GiB: torch.cuda.max_memory_allocated (null on CPU).", ""]
+             "img/s: images per second (higher is better); ratio: against eager (torchvision "
+             "at the run's dtype and layout) of the same run, or against its first "
+             "implementation when eager is not in it; peak GiB: "
+             "torch.cuda.max_memory_allocated (null on CPU); host ms: the main thread's CPU "
+             "time per step; ops/step: dispatched ops per step.", ""]
     for cfg, results in runs:
         lines += [f"## {cfg.model} {cfg.mode}, batch {cfg.batch}, "
                   f"{cfg.resolution}x{cfg.resolution}", ""]
-        rows = [[r["impl"], r["dtype"], r["img_per_s"],
+        rows = [[r["impl"], r["dtype"], r["layout"], r["img_per_s"],
                  f"{r['ratio']:.2f}x" if r["ratio"] else "-", r["peak_mem_gib"],
-                 r["note"] or r["description"]] for r in results]
-        lines += [report.markdown_table(["impl", "dtype", "img/s", "ratio", "peak GiB", "notes"],
-                                        rows), ""]
+                 r["host_ms_per_step"], r["ops_per_step"], r["note"] or r["description"]]
+                for r in results]
+        lines += [report.markdown_table(["impl", "dtype", "layout", "img/s", "ratio", "peak GiB",
+                                         "host ms", "ops/step", "notes"], rows), ""]
     return "\n".join(lines)

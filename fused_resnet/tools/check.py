@@ -33,7 +33,7 @@ from torch import nn
 import fused_resnet
 
 from . import report
-from .arguments import MODELS, positive_int
+from .arguments import MODELS, positive_int, unwritable
 from .bench import backend_status, torchvision_model
 
 CHECK_DTYPES = ("fp64", "fp32", "bf16", "fp16")
@@ -254,6 +254,10 @@ def resolve_settings(args, parser: argparse.ArgumentParser) -> Settings:
     if name == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
     device = torch.device(name)
+    if args.json:
+        problem = unwritable(Path(args.json).absolute().parent)
+        if problem:
+            parser.error(f"--json {args.json!r}: cannot write there: {problem}")
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     dtype = args.dtype or defaults["dtype"]
     if device.type == "cpu" and dtype != "fp64":

@@ -15,7 +15,8 @@ from fused_resnet.tools import cli
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model", "resnet18", "--resolution", "32", "--batch", "2", "--device", "cpu",
         "--no-progress"]
-ROW_KEYS = {"model", "mode", "dtype", "batch", "resolution", "impl", "img_per_s", "peak_mem_gib"}
+ROW_KEYS = {"model", "mode", "dtype", "layout", "batch", "resolution", "impl", "img_per_s",
+            "peak_mem_gib", "step_ms", "host_ms_per_step", "ops_per_step", "syncs_per_step"}
 
 
 def _png(path: Path) -> bool:
@@ -62,7 +63,7 @@ def test_bench_table_json_png(tmp_path, capsys):
 def test_bench_both_modes_default_out_name(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code = cli.main(["bench", *TINY, "--mode", "both", "--warmup", "0", "--steps", "1",
-                     "--impl", "fused,eager@bf16", "--out"])
+                     "--impl", "fused,eager-cl-amp@bf16", "--out"])
     text = capsys.readouterr().out
     assert code == 0
     # eager is absent: ratios are against the first implementation
@@ -71,8 +72,8 @@ def test_bench_both_modes_default_out_name(tmp_path, monkeypatch, capsys):
     path = tmp_path / "benchmarks" / "results" / "bench_resnet18_both_cpu.json"
     doc = json.loads(path.read_text())
     assert [(r["mode"], r["impl"], r["dtype"]) for r in doc["rows"]] == [
-        ("train", "fused", "fp32"), ("train", "eager@bf16", "bf16"),
-        ("infer", "fused", "fp32"), ("infer", "eager@bf16", "bf16")]
+        ("train", "fused", "fp32"), ("train", "eager-cl-amp@bf16", "bf16"),
+        ("infer", "fused", "fp32"), ("infer", "eager-cl-amp@bf16", "bf16")]
     if _matplotlib():
         assert _png(path.with_suffix(".png"))
 
@@ -80,7 +81,9 @@ def test_bench_both_modes_default_out_name(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--model", "resnet5"], "unknown model 'resnet5'"),
     (["--impl", "eager,fast"], "unknown implementation 'fast'"),
-    (["--impl", "eager-cl-amp@fp32"], "runs under autocast"),
+    (["--impl", "eager-cl-amp@fp32"], "under autocast"),
+    (["--impl", "eager@fp8"], "unknown suffix 'fp8'"),
+    (["--memory-format", "nhwc"], "invalid choice"),
     (["--batch", "0"], "must be a positive integer"),
     (["--steps", "0"], "must be a positive integer"),
     (["--warmup", "-1"], "must be >= 0"),
@@ -94,6 +97,29 @@ def test_bench_bad_arguments(argv, message, capsys):
     err = capsys.readouterr().err
     assert message in err
     assert "usage:" in err
+
+
+def test_bench_compares_like_with_like(tmp_path, capsys):
+    """Every row at the run's dtype and layout unless its label says otherwise; the
+    dispatched ops and host milliseconds per step; CUDA-graph rows need CUDA."""
+    out = tmp_path / "like.json"
+    code = cli.main(["bench", *TINY, "--warmup", "0", "--steps", "1", "--compile-backend",
+                     "eager", "--impl", "eager,compile,fused,eager@nchw,fused-graphs,"
+                     "compile-graphs,eager-cl-amp", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and "ops/step" in text and "host ms" in text
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    for name in ("eager", "compile", "fused"):
+        assert (rows[name]["dtype"], rows[name]["layout"]) == ("fp32", "channels_last"), name
+        assert rows[name]["img_per_s"] > 0 and rows[name]["host_ms_per_step"] > 0
+    assert rows["eager@nchw"]["layout"] == "NCHW"
+    assert rows["eager"]["ops_per_step"] > 0 and rows["fused"]["ops_per_step"] > 0
+    assert rows["eager"]["syncs_per_step"] == rows["fused"]["syncs_per_step"] == 0
+    assert rows["compile"]["ops_per_step"] is None       # compiled: not dispatched op by op
+    details = {d["impl"]: d for d in json.loads(out.read_text())["details"]}
+    for name in ("fused-graphs", "compile-graphs"):
+        assert rows[name]["img_per_s"] is None and "needs CUDA" in details[name]["note"]
+    assert "needs --dtype bf16 or fp16" in details["eager-cl-amp"]["note"]
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
