@@ -16,6 +16,8 @@
 
 #ifndef FUSED_RESNET_KERNELS_ONLY
 #include <torch/library.h>
+
+#include "cpu_ops.h"
 #endif
 
 namespace fused_resnet {
@@ -404,8 +406,6 @@ void run_bn_backward_apply(at::ScalarType st, const Geometry& g, const BwdApplyA
 }  // namespace FUSED_RESNET_ISA
 
 #ifndef FUSED_RESNET_KERNELS_ONLY
-namespace {
-
 std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
     const Tensor& grad_out_in, const std::optional<Tensor>& out_opt, const Tensor& x_in,
     const Tensor& mean_in, const std::optional<Tensor>& x2_opt,
@@ -449,6 +449,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
   FUSED_RESNET_RUN(run_bn_backward_reduce, x.scalar_type(), g, args);
   return {sum_g, sum_gx, sum_gx2};
 }
+
+namespace {
 
 std::tuple<Tensor, Tensor> bn_backward_apply_cpu(
     const Tensor& grad_out_in, const std::optional<Tensor>& out_opt, const Tensor& x_in,

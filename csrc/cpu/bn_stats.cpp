@@ -17,6 +17,8 @@
 
 #ifndef FUSED_RESNET_KERNELS_ONLY
 #include <torch/library.h>
+
+#include "cpu_ops.h"
 #endif
 
 namespace fused_resnet {
@@ -260,8 +262,6 @@ void run_bn_stats(at::ScalarType st, const Geometry& g, const StatsArgs& args) {
 }  // namespace FUSED_RESNET_ISA
 
 #ifndef FUSED_RESNET_KERNELS_ONLY
-namespace {
-
 std::tuple<Tensor, Tensor> bn_stats_cpu(const Tensor& x_in) {
   constexpr const char* op = "bn_stats";
   check_x(op, x_in);
@@ -280,8 +280,6 @@ std::tuple<Tensor, Tensor> bn_stats_cpu(const Tensor& x_in) {
   FUSED_RESNET_RUN(run_bn_stats, x.scalar_type(), g, args);
   return {mean, var};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {
   m.impl("bn_stats", &bn_stats_cpu);

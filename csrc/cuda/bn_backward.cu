@@ -10,6 +10,7 @@
 // bn_backward_apply: one read of each input, one write of grad_x (and grad_shortcut);
 // same persistent row-striding grid as bn_apply (bn_forward.cu).
 #include "cuda_utils.cuh"
+#include "cuda_ops.cuh"
 
 #include <torch/library.h>
 
@@ -349,6 +350,9 @@ void launch_reduce(const Layout& g, const Tensor& go, const Tensor& out, const T
   }
 }
 
+}  // namespace
+
+// Declared in cuda_ops.cuh: bn_finish.cu builds on it.
 std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cuda(
     const Tensor& grad_out_in, const std::optional<Tensor>& out_opt, const Tensor& x_in,
     const Tensor& mean_in, const std::optional<Tensor>& x2_opt,
@@ -392,6 +396,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cuda(
                                   });
   return {sum_g, sum_gx, sum_gx2};
 }
+
+namespace {
 
 // =====================================================================================
 // bn_backward_apply

@@ -13,6 +13,7 @@
 // channels' scale/shift in registers, by-row threads track the channel incrementally
 // (no division in the loop).
 #include "cuda_utils.cuh"
+#include "cuda_ops.cuh"
 
 #include <torch/library.h>
 
@@ -312,6 +313,9 @@ void launch_stats(const Tensor& x, const Layout& g, Tensor& mean, Tensor& var) {
   }
 }
 
+}  // namespace
+
+// Declared in cuda_ops.cuh: bn_finish.cu builds on it.
 std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& x_in) {
   constexpr const char* op = "bn_stats";
   check_x(op, x_in);
@@ -332,6 +336,8 @@ std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& x_in) {
                                   [&] { launch_stats<scalar_t>(x, g, mean, var); });
   return {mean, var};
 }
+
+namespace {
 
 // =====================================================================================
 // bn_apply

@@ -10,8 +10,8 @@ Four passes over a tensor are required (bn_stats, bn_apply, bn_backward_reduce,
 bn_backward_apply). The per-channel steps - the finish steps that turn statistics into
 scale / shift and gradient sums into coefficients, and the running-statistics update -
 have composite defaults here in a few PyTorch ops; a backend with kernels for them
-(bn_stats_affine, bn_scale_shift, bn_backward_coefficients, bn_update_running_stats)
-overrides them, so that a training step launches no more kernels than eager's.
+(bn_stats_affine, bn_scale_shift, bn_backward_coefficients, bn_update_running_stats,
+bn_fold) overrides them, so that a step launches no more kernels than eager's.
 
 Per-channel tensors (mean, var, coefficients) are in the accumulation dtype. Nothing
 here reads a tensor back to the host: a step stays CUDA-graph capturable.
@@ -100,6 +100,9 @@ class Backend:
         for layer in zip(running_means, running_vars, num_batches_tracked, means, variances,
                          counts, momenta, cumulative):
             primitives.bn_update_running_stats(*layer)
+
+    def bn_fold(self, weight, gamma, beta, running_mean, running_var, eps, dtype):
+        return primitives.bn_fold(weight, gamma, beta, running_mean, running_var, eps, dtype)
 
     # -- the option-A primitives (csrc/option_a.cpp). By default the common primitives
     # with the shortcut (and its gradient) materialised; backends with kernels fuse them.

@@ -5,7 +5,7 @@ Every backend implements the same memory-bound primitives (schemas and math in
 csrc/ops.cpp): the four passes over a tensor (bn_stats, bn_apply, bn_backward_reduce,
 bn_backward_apply), the same passes with their per-channel finish steps
 (bn_stats_affine, bn_backward_coefficients), the per-channel steps alone
-(bn_scale_shift, bn_update_running_stats), and the two option-A shortcut primitives
+(bn_scale_shift, bn_update_running_stats, bn_fold), and the two option-A shortcut primitives
 (csrc/option_a.cpp). Per-channel vectors are in the accumulation dtype: float64 for
 float64 input, float32 otherwise.
 """
@@ -47,6 +47,17 @@ def bn_stats_affine(x: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], 
     """bn_stats with its finish step: mean, biased var, and the scale / shift they give."""
     mean, var = bn_stats(x)
     return (mean, var) + bn_scale_shift(mean, var, gamma, beta, eps)
+
+
+def bn_fold(weight: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
+            running_mean: Tensor, running_var: Tensor, eps: float,
+            dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
+    """Eval-mode BN folded into the convolution before it: (weight * scale[o] in `dtype`
+    (None: weight's), bias = shift), scale / shift of the running statistics in their
+    dtype. Differentiable (a frozen BN under a trained convolution)."""
+    scale, shift = bn_scale_shift(running_mean, running_var, gamma, beta, eps)
+    folded = weight * scale.to(weight.dtype).reshape(-1, *[1] * (weight.dim() - 1))
+    return (folded if dtype is None or folded.dtype == dtype else folded.to(dtype)), shift
 
 
 def bn_apply(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..backends import registry
 from ..ops.checks import check_eps
-from .autocast import cast
 from .layers import conv_args
 
 
@@ -34,15 +34,9 @@ def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype) -> tuple:
     """(weight, bias) of conv with bn folded in: the weight in `dtype` (None: conv's),
     the bias in the running statistics' dtype."""
     check_eps(bn.eps, batch_stats=False)
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    if bn.bias is not None:
-        bias = torch.addcmul(bn.bias, bn.running_mean, scale, value=-1)
-    else:
-        bias = bn.running_mean * -scale
-    weight = conv.weight * scale.to(conv.weight.dtype).reshape(-1, 1, 1, 1)
-    return cast(weight, dtype), bias
+    backend = registry.resolve(conv.weight.device)   # one kernel on the compiled backends
+    return backend.bn_fold(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                           bn.eps, dtype if conv.weight.is_floating_point() else None)
 
 
 def conv_bias_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,

@@ -44,11 +44,37 @@ def _bn_backward_apply_option_a_fake(grad_out, out, x, mean, a, b, d, shortcut_s
             torch.empty(list(shortcut_size), dtype=x.dtype, device=x.device, memory_format=fmt))
 
 
+def _bn_scale_shift_fake(mean, var, gamma, beta, eps):
+    return torch.empty_like(mean), torch.empty_like(mean)
+
+
+def _bn_stats_affine_fake(x, gamma, beta, eps):
+    return _vec(x), _vec(x), _vec(x), _vec(x)
+
+
+def _bn_backward_coefficients_fake(grad_out, out, x, mean, var, gamma, eps, use_batch_stats,
+                                   x_d, mean_d, var_d, gamma_d, eps_d):
+    coef = x.new_empty((5, x.shape[1]), dtype=acc_dtype(x.dtype))
+    return coef, (torch.empty_like(coef) if x_d is not None else coef.new_empty(0))
+
+
+def _bn_fold_fake(weight, gamma, beta, running_mean, running_var, eps, dtype):
+    return (torch.empty_like(weight, dtype=dtype or weight.dtype),
+            torch.empty_like(running_mean))
+
+
+def _bn_update_running_stats_fake(*lists):
+    return None
+
+
 FAKES = {"bn_stats": _bn_stats_fake, "bn_apply": _bn_apply_fake,
          "bn_backward_reduce": _bn_backward_reduce_fake,
          "bn_backward_apply": _bn_backward_apply_fake,
          "bn_apply_option_a": _bn_apply_option_a_fake,
-         "bn_backward_apply_option_a": _bn_backward_apply_option_a_fake}
+         "bn_backward_apply_option_a": _bn_backward_apply_option_a_fake,
+         "bn_scale_shift": _bn_scale_shift_fake, "bn_stats_affine": _bn_stats_affine_fake,
+         "bn_backward_coefficients": _bn_backward_coefficients_fake,
+         "bn_update_running_stats": _bn_update_running_stats_fake, "bn_fold": _bn_fold_fake}
 
 
 def register_fake_kernels() -> None:

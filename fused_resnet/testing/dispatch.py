@@ -22,7 +22,7 @@ from ..ops.registration import python_implementation
 NOT_LAUNCHING = frozenset({
     "aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty",
     "aten.new_empty_strided", "aten.detach", "aten.lift_fresh", "aten.alias",
-    "aten.set_", "aten.resize_", "aten.sym_size", "aten.sym_stride", "aten.sym_numel",
+    "aten.set_", "aten.resize_", "aten.as_strided_", "aten.sym_size", "aten.sym_stride", "aten.sym_numel",
     "aten.sym_storage_offset", "aten.is_same_size", "profiler._record_function_enter_new",
     "profiler._record_function_exit"})
 HOST_SYNC = "aten._local_scalar_dense"
