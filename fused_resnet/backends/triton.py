@@ -35,11 +35,10 @@ activations, bfloat16 under the Triton interpreter (computed wrongly there), ten
 large for the kernels' int32 indexing, and CPU tensors unless the kernels run under the
 interpreter (TRITON_INTERPRET=1 set before fused_resnet is imported).
 
-Statistics from the epilogue: the kernel returns fp32 sums of z and z^2, so
-var = E[z^2] - E[z]^2, which cancels when |mean| >> std; when any channel has
-mean^2 > STATS_GUARD_RATIO * var (|mean| > 8 std) the statistics are recomputed
-two-pass from z (measured accuracies: NOTES.md). The check costs one host sync per
-training conv_bn_relu (the stem); it is skipped while a CUDA graph is being captured.
+Statistics from the epilogue: the kernel writes per-tile (count, mean, M2) partials of
+z from its fp32 accumulator and a second small kernel merges them (Chan's formula, fixed
+order): as accurate as a two-pass over z even when |mean| >> std, deterministic, and
+nothing is read back to the host, so a training step is CUDA-graph capturable.
 Sync BN conv_bn_relu uses the base path (Triton conv, statistics and backward sums
 merged over the ranks, grad_z materialised).
 
@@ -50,7 +49,6 @@ traces under AOTAutograd.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 
@@ -58,13 +56,9 @@ from .. import kernels
 from .base import Backend
 from .conventions import acc_dtype, reduce_dims
 
-__all__ = ["TritonBackend", "MEASURED_CONV_CHOICES", "STATS_GUARD_RATIO", "conv_name"]
+__all__ = ["TritonBackend", "MEASURED_CONV_CHOICES", "conv_name"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# Recompute the batch statistics two-pass when some channel has mean^2 > ratio * var
-# (the one-pass variance then loses more than log2(ratio) of fp32's 24 bits).
-STATS_GUARD_RATIO = 64.0
 
 # --- per-layer choice: Triton or ATen ---------------------------------------------------
 #
@@ -117,10 +111,6 @@ def _synced(bn) -> bool:
     return bool(getattr(bn, "synced", False))
 
 
-def _capturing(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 class TritonBackend(Backend):
     """Block operators whose convolutions run the Triton kernels (see the module
     docstring for what is fused where). float64 — and every case `conv_impl` sends to
@@ -131,7 +121,6 @@ class TritonBackend(Backend):
     (the `cuda` backend); fallback_primitives: the one for every other case (reference)."""
 
     name = "triton"
-    stats_guard_ratio: Optional[float] = STATS_GUARD_RATIO
 
     def __init__(self, cuda_primitives: Backend, fallback_primitives: Backend):
         self.cuda_primitives = cuda_primitives
@@ -208,6 +197,22 @@ class TritonBackend(Backend):
     def bn_backward_apply_option_a(self, grad_out, *args):
         return self._prims(grad_out).bn_backward_apply_option_a(grad_out, *args)
 
+    # the per-channel finish steps: one CUDA kernel each when the extension is built
+    def bn_scale_shift(self, mean, *args):
+        return self._prims(mean).bn_scale_shift(mean, *args)
+
+    def bn_stats_affine(self, x, *args):
+        return self._prims(x).bn_stats_affine(x, *args)
+
+    def bn_backward_coefficients(self, grad_out, *args):
+        return self._prims(grad_out).bn_backward_coefficients(grad_out, *args)
+
+    def bn_fold(self, weight, *args):
+        return self._prims(weight).bn_fold(weight, *args)
+
+    def bn_update_running_stats(self, running_means, *lists):
+        return self._prims(running_means[0]).bn_update_running_stats(running_means, *lists)
+
     # -- convolution --
     @staticmethod
     def _geometry(conv) -> tuple:
@@ -238,19 +243,6 @@ class TritonBackend(Backend):
             return super().conv_backward(grad, x, weight, conv, need_x, need_w)
         return self._triton_conv_backward(grad, x, weight, conv, need_x, need_w)
 
-    # -- batch statistics from the conv epilogue --
-    def _epilogue_stats(self, ch_sum, ch_sumsq, z):
-        """mean and biased variance from the fp32 sums of the conv epilogue; two-pass
-        from z instead when the one-pass variance would cancel (see the module doc)."""
-        n = z.numel() // z.shape[1]
-        mean = ch_sum / n
-        var = (ch_sumsq / n - mean * mean).clamp_min(0)
-        ratio = self.stats_guard_ratio
-        if ratio is not None and not _capturing(z):
-            if bool((mean * mean > ratio * var).any()):
-                return self.bn_stats(z)
-        return mean, var
-
     # -- block operators --
     def conv_bn_relu_forward(self, x, weight, conv, bn, relu):
         if _synced(bn) or not self._triton(x, weight, conv, "conv_bn_relu"):
@@ -258,9 +250,7 @@ class TritonBackend(Backend):
             # the ranks by self.stats); ATen layers: the base path altogether
             return super().conv_bn_relu_forward(x, weight, conv, bn, relu)
         if bn.use_batch_stats:
-            z, ch_sum, ch_sumsq = kernels.conv.conv2d(x, weight, *self._geometry(conv),
-                                                      stats=True)
-            mean, var = self._epilogue_stats(ch_sum, ch_sumsq, z)
+            z, mean, var = kernels.conv.conv2d(x, weight, *self._geometry(conv), stats=True)
             scale, shift = self.bn_scale_shift(mean, var, bn.gamma, bn.beta, bn.eps)
         else:
             z = kernels.conv.conv2d(x, weight, *self._geometry(conv))

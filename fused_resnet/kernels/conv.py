@@ -5,7 +5,8 @@ DESIGN.md levels 2-4:
                         ``relu?(x * in_scale[c] + in_shift[c])`` (zero padding stays zero
                         *after* the activation).  EPILOGUE: eval mode (level 4)
                         ``relu?(acc + bias[co] + residual)``; train mode (level 2)
-                        per-output-channel fp32 sum / sum of squares of the raw conv output.
+                        per-output-channel fp32 batch mean / variance of the raw conv
+                        output (per-tile count, mean, M2, merged by a second kernel).
 * ``conv2d_input_grad`` data gradient (transposed conv as an implicit GEMM, split into
                         ``stride_h * stride_w`` sub-pixel phases so no MMA is spent on taps
                         that do not contribute).
@@ -70,6 +71,9 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Channels per group below which the forward / wgrad kernels flatten (tap, channel) into
 # one GEMM dimension instead of padding each tap's channel slice to a full BLOCK_K/N.
 _FLAT_CHANNELS = 16
+# Tiles of the statistics merge (_stats_merge_kernel): partial rows x channels.
+_MERGE_BLOCK_T = 64
+_MERGE_BLOCK_C = 32
 
 
 def is_interpreter() -> bool:
@@ -225,11 +229,11 @@ def _bn_grad_prologue(gy, mask, out_ptrs, z_ptrs, mean, ca, cb, cd, RELU_MASK: t
 @triton.autotune(configs=_FWD_CONFIGS,
                  key=["M", "COUT_G", "CIN_G", "KTOT", "H", "W"],
                  prune_configs_by={"early_config_prune": _prune_fwd},
-                 reset_to_zero=["sum_ptr", "sumsq_ptr"])
+                 reset_to_zero=["part_ptr"])
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, out_ptr,
-    scale_ptr, shift_ptr, bias_ptr, res_ptr, sum_ptr, sumsq_ptr,
+    scale_ptr, shift_ptr, bias_ptr, res_ptr, part_ptr, PART_ROWS, COUT,
     H, W, Ho, Wo, CIN_G, COUT_G, M, KTOT,
     sxn, sxh, sxw, son, soh, sow, srn, srh, srw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
@@ -312,10 +316,19 @@ def _conv_fwd_kernel(
 
     # ---- epilogue ----
     if STATS:
-        # Rows >= M and columns >= COUT_G of acc are exactly 0 (masked loads), so the
-        # per-tile column sums need no extra masking.
-        tl.atomic_add(sum_ptr + co, tl.reduce(acc, 0, _add), mask=n_mask, sem="relaxed")
-        tl.atomic_add(sumsq_ptr + co, tl.reduce(acc * acc, 0, _add), mask=n_mask, sem="relaxed")
+        # This tile's (count, mean, M2) per channel, centred on the tile's own mean (no
+        # E[z^2] - E[z]^2 cancellation), into row pid_m of the [3, PART_ROWS, COUT]
+        # partials; _stats_merge_kernel merges the rows in a fixed order (deterministic,
+        # no atomics). Rows >= M of acc are 0 (masked loads): the sum needs no mask.
+        cnt = tl.sum(m_mask.to(tl.float32), 0)
+        t_mean = tl.reduce(acc, 0, _add) / cnt
+        dev = tl.where(m_mask[:, None], acc - t_mean[None, :], 0.0)
+        t_m2 = tl.reduce(dev * dev, 0, _add)
+        prow = part_ptr + pid_m.to(tl.int64) * COUT + co
+        plane = PART_ROWS.to(tl.int64) * COUT
+        tl.store(prow, tl.zeros_like(t_mean) + cnt, mask=n_mask)
+        tl.store(prow + plane, t_mean, mask=n_mask)
+        tl.store(prow + 2 * plane, t_m2, mask=n_mask)
     o_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -663,6 +676,48 @@ def _launch_accumulating(kernel, grid, zero_bufs, *args, **kwargs):
         kernel[grid](*args, **kwargs)
 
 
+@triton.jit
+def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, PART_ROWS, C,
+                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """mean and biased variance per channel from the conv epilogue's per-tile
+    (count, mean, M2) partials [3, PART_ROWS, C] (rows of count 0: unused). Each chunk of
+    BLOCK_T rows is combined exactly (mean of the means weighted by count; M2 plus the
+    spread of the tile means around it), then merged into the running result (Chan), in
+    a fixed order."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    rt = tl.arange(0, BLOCK_T)
+    plane = PART_ROWS.to(tl.int64) * C
+    n = tl.zeros((BLOCK_C,), tl.float32)
+    mean = tl.zeros((BLOCK_C,), tl.float32)
+    m2 = tl.zeros((BLOCK_C,), tl.float32)
+    for t0 in range(0, PART_ROWS, BLOCK_T):
+        t = t0 + rt
+        mask = (t < PART_ROWS)[:, None] & c_mask[None, :]
+        off = t.to(tl.int64)[:, None] * C + c[None, :]
+        nb = tl.load(part_ptr + off, mask=mask, other=0.0)
+        mb = tl.load(part_ptr + plane + off, mask=mask, other=0.0)
+        m2b = tl.load(part_ptr + 2 * plane + off, mask=mask, other=0.0)
+        cn = tl.sum(nb, 0)
+        cmean = tl.sum(nb * mb, 0) / tl.where(cn > 0, cn, 1.0)
+        spread = tl.where(nb > 0, mb - cmean[None, :], 0.0)
+        cm2 = tl.sum(m2b + nb * spread * spread, 0)
+        tot = n + cn
+        safe = tl.where(tot > 0, tot, 1.0)
+        delta = cmean - mean
+        mean = mean + delta * (cn / safe)
+        m2 = m2 + cm2 + delta * delta * (n * cn / safe)
+        n = tot
+    tl.store(mean_ptr + c, mean, mask=c_mask)
+    tl.store(var_ptr + c, m2 / tl.where(n > 0, n, 1.0), mask=c_mask)
+
+
+def _epilogue_partial_rows(M: int) -> int:
+    """Rows of the statistics partials: one per M-tile of the smallest tile any config
+    may choose (a larger tile leaves rows at count 0)."""
+    return triton.cdiv(M, min(c.kwargs["BLOCK_M"] for c in _FWD_CONFIGS))
+
+
 @dataclass
 class BNGradPrologue:
     """Batch-norm(+ReLU) backward folded into a backward conv's load of ``grad_out``.
@@ -730,9 +785,11 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride: IntPair = 1, padding: 
     [Cout, Cin/groups, KH, KW], same dtype, any layout.  The conv reads
     ``x' = relu?(x * in_scale[c] + in_shift[c])`` (missing scale = 1, shift = 0; padded
     taps contribute 0).  Output ``relu?(conv(x') + bias[co] + residual)`` in x's dtype,
-    channels_last.  With ``stats=True`` also returns fp32 per-output-channel
-    ``sum`` and ``sum of squares`` of the raw conv output (before bias / residual / relu)
-    taken from the fp32 accumulator: ``(out, ch_sum, ch_sumsq)``.
+    channels_last.  With ``stats=True`` also returns the fp32 per-output-channel batch
+    ``mean`` and biased ``var`` of the raw conv output (before bias / residual / relu),
+    from the fp32 accumulator: per-tile (count, mean, M2) partials merged by a second
+    small kernel (no cancellation, deterministic, nothing read back to the host):
+    ``(out, mean, var)``; zeros for an empty batch.
     """
     x = _check_act(x, "x")
     weight = _check_weight(weight, x, groups)
@@ -761,13 +818,17 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride: IntPair = 1, padding: 
 
     out = torch.empty((N, Cout, Ho, Wo), dtype=x.dtype, device=dev,
                       memory_format=torch.channels_last)
-    if stats:
-        ch_sum = torch.zeros(Cout, dtype=torch.float32, device=dev)
-        ch_sumsq = torch.zeros(Cout, dtype=torch.float32, device=dev)
     M = N * Ho * Wo
     _check_rows(M, "conv2d: N*Ho*Wo")
+    if stats:
+        mean = torch.empty(Cout, dtype=torch.float32, device=dev)
+        var = torch.empty(Cout, dtype=torch.float32, device=dev)
+        part_rows = _epilogue_partial_rows(M)
+        parts = torch.empty((3, part_rows, Cout), dtype=torch.float32, device=dev)
     if M == 0:
-        return (out, ch_sum, ch_sumsq) if stats else out
+        if stats:
+            return out, mean.zero_(), var.zero_()
+        return out
 
     w = _weight_khwc(weight)
     dummy = _dummy(dev)
@@ -782,7 +843,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride: IntPair = 1, padding: 
     args = (x, w, out,
             scale if has_pro else dummy, shift if has_pro else dummy,
             bias if bias is not None else dummy, res,
-            ch_sum if stats else dummy, ch_sumsq if stats else dummy,
+            parts if stats else dummy, part_rows if stats else 0, Cout,
             H, W, Ho, Wo, cin_g, cout_g, M, KTOT,
             sx[0], sx[2], sx[3], so[0], so[2], so[3], sr[0], sr[2], sr[3],
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
@@ -792,10 +853,14 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride: IntPair = 1, padding: 
                 DOT_PREC=_dot_precision(x.dtype))
     with _on(dev):
         if stats:
-            _launch_accumulating(_conv_fwd_kernel, grid, [ch_sum, ch_sumsq], *args, **meta)
-        else:
-            _conv_fwd_kernel[grid](*args, **meta)
-    return (out, ch_sum, ch_sumsq) if stats else out
+            # zeroed: the rows a larger tile leaves unused must read as count 0
+            _launch_accumulating(_conv_fwd_kernel, grid, [parts], *args, **meta)
+            _stats_merge_kernel[(triton.cdiv(Cout, _MERGE_BLOCK_C),)](
+                parts, mean, var, part_rows, Cout, BLOCK_T=_MERGE_BLOCK_T,
+                BLOCK_C=_MERGE_BLOCK_C)
+            return out, mean, var
+        _conv_fwd_kernel[grid](*args, **meta)
+    return out
 
 
 # ---- data gradient -------------------------------------------------------------------

@@ -97,18 +97,18 @@ def make_case(geom, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("geom", GEOMS, ids=GEOM_IDS)
 def test_forward_prologue_stats(geom, dtype):
-    """Train-mode forward: normalise+ReLU prologue and the sum / sumsq epilogue."""
+    """Train-mode forward: normalise+ReLU prologue and the batch-statistics epilogue."""
     x, w, scale, shift, (s, p, d, g) = make_case(geom, dtype, 1)
-    out, ch_sum, ch_sumsq = K.conv2d(x, w, s, p, d, g, in_scale=scale, in_shift=shift,
-                                     in_relu=True, stats=True)
+    out, mean, var = K.conv2d(x, w, s, p, d, g, in_scale=scale, in_shift=shift,
+                              in_relu=True, stats=True)
     xr = prologue_ref(x, scale, shift, True)
     ref = F.conv2d(xr, w.double(), None, s, p, d, g)
     assert out.dtype == dtype and out.shape == ref.shape
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert ch_sum.dtype == torch.float32 and ch_sumsq.dtype == torch.float32
+    assert mean.dtype == torch.float32 and var.dtype == torch.float32
     assert rel(out, ref) < tol(dtype)
-    assert rel(ch_sum, ref.sum((0, 2, 3))) < tol(dtype)
-    assert rel(ch_sumsq, ref.square().sum((0, 2, 3))) < tol(dtype)
+    assert rel(mean, ref.mean((0, 2, 3))) < tol(dtype)
+    assert rel(var, ref.var((0, 2, 3), unbiased=False)) < tol(dtype)
     pads = (p, p) if isinstance(p, int) else p
     if max(pads) > 0:
         # the test can tell "activate, then zero-pad" from "zero-pad, then activate"
@@ -141,12 +141,12 @@ def test_forward_all_fusions_together_and_partial_prologue():
     ref_conv = F.conv2d(prologue_ref(x, scale, None, False), w.double(), None, s, p, d, g)
     bias = torch.randn(w.shape[0]).to(DEV)
     res = cl(torch.randn(ref_conv.shape).to(DEV))
-    out, sm, sq = K.conv2d(x, w, s, p, d, g, in_scale=scale, bias=bias, residual=res,
-                           out_relu=True, stats=True)
+    out, mean, var = K.conv2d(x, w, s, p, d, g, in_scale=scale, bias=bias, residual=res,
+                              out_relu=True, stats=True)
     assert rel(out, (ref_conv + pc(bias) + res.double()).clamp_min(0)) < 2e-5
     # stats are of the raw conv output (before bias / residual / relu)
-    assert rel(sm, ref_conv.sum((0, 2, 3))) < 2e-5
-    assert rel(sq, ref_conv.square().sum((0, 2, 3))) < 2e-5
+    assert rel(mean, ref_conv.mean((0, 2, 3))) < 2e-5
+    assert rel(var, ref_conv.var((0, 2, 3), unbiased=False)) < 2e-5
     # relu-only prologue, shift-only prologue
     r1 = F.conv2d(x.double().clamp_min(0), w.double(), None, s, p, d, g)
     assert rel(K.conv2d(x, w, s, p, d, g, in_relu=True), r1) < 2e-5
@@ -164,8 +164,8 @@ def test_forward_accepts_nchw_and_any_weight_layout():
 
 def test_forward_empty_batch():
     x, w, _, _, (s, p, d, g) = make_case(GEOMS[0], torch.float32, 6)
-    out, sm, sq = K.conv2d(x[:0], w, s, p, d, g, stats=True)
-    assert out.shape == (0, 7, 7, 5) and sm.abs().sum() == 0 and sq.shape == (7,)
+    out, mean, var = K.conv2d(x[:0], w, s, p, d, g, stats=True)
+    assert out.shape == (0, 7, 7, 5) and mean.abs().sum() == 0 and var.shape == (7,)
 
 
 # ---------------------------------------------------------------------- input gradient
@@ -372,10 +372,11 @@ def test_gpu_resnet_shapes(case, dtype):
     t = tol(dtype)
     xr = prologue_ref(x, scale, shift, True)
     ref = F.conv2d(xr, w.double(), None, s, p, d, g)
-    out, sm, sq = K.conv2d(x, w, s, p, d, g, in_scale=scale, in_shift=shift, in_relu=True,
-                           stats=True)
+    out, mean, var = K.conv2d(x, w, s, p, d, g, in_scale=scale, in_shift=shift, in_relu=True,
+                              stats=True)
     assert rel(out, ref) < t
-    assert rel(sm, ref.sum((0, 2, 3))) < t and rel(sq, ref.square().sum((0, 2, 3))) < t
+    assert rel(mean, ref.mean((0, 2, 3))) < t
+    assert rel(var, ref.var((0, 2, 3), unbiased=False)) < t
     bias, res = r(Cout), cl(r(*ref.shape).to(dtype))
     ref0 = F.conv2d(x.double(), w.double(), None, s, p, d, g)
     out = K.conv2d(x, w, s, p, d, g, bias=bias, residual=res, out_relu=True)
