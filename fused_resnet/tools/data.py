@@ -132,6 +132,47 @@ def image_folder(path: str, image_size: int = 224, seed: int = 0) -> Data:
                 image_size, False)
 
 
+# Below this many images every one is opened to check it reads; above, the first of
+# each class (a full check of ImageNet would take longer than many runs).
+_VERIFY_ALL_UP_TO = 2000
+
+
+def image_folder_problem(path: str) -> Optional[str]:
+    """What makes `path` unusable as --data (None when nothing): not a directory, no class
+    subdirectories, no images, an image that does not open."""
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    if not os.path.isdir(path):
+        return ("no such directory (expected an ImageFolder directory PATH/<class>/<image>, "
+                "or 'digits' / 'synthetic')")
+    train_dir, val_dir = os.path.join(path, "train"), os.path.join(path, "val")
+    roots = [train_dir, val_dir] if os.path.isdir(train_dir) and os.path.isdir(val_dir) \
+        else [path]
+    for root in roots:
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not classes:
+            return f"{root} has no class subdirectories (ImageFolder reads ROOT/<class>/<image>)"
+        images = {}
+        for c in classes:
+            for dirpath, _, files in sorted(os.walk(os.path.join(root, c))):
+                for f in sorted(files):
+                    if f.lower().endswith(IMG_EXTENSIONS):
+                        images.setdefault(c, []).append(os.path.join(dirpath, f))
+        if not images:
+            return (f"{root} has no images (extensions {', '.join(IMG_EXTENSIONS)}) in its "
+                    f"{len(classes)} class directories")
+        total = sum(len(v) for v in images.values())
+        to_check = [f for v in images.values() for f in v] if total <= _VERIFY_ALL_UP_TO \
+            else [v[0] for v in images.values()]
+        for f in to_check:
+            try:
+                with Image.open(f) as im:
+                    im.verify()
+            except Exception as err:   # PIL raises many kinds for a broken file
+                return f"cannot read the image {f} ({type(err).__name__}: {err})"
+    return None
+
+
 def load(name_or_path: str = "digits", image_size: Optional[int] = None, seed: int = 0) -> Data:
     """`digits`, `synthetic` or an ImageFolder path."""
     if name_or_path in (None, "", "digits"):

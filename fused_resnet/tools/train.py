@@ -42,8 +42,10 @@ from torch import nn
 import fused_resnet
 
 from . import degradation, launch, loop, report
-from .arguments import CIFAR_MODELS, MODELS
-from .data import GlobalBatches, augment
+from .arguments import (CIFAR_MODELS, MODELS, backend_name, non_negative_float,
+                        non_negative_int, positive_float, positive_int, training_batch,
+                        unwritable, usage_error)
+from .data import GlobalBatches, augment, image_folder_problem
 from .data import load as load_data
 
 # Arguments a resumed run takes from its checkpoint unless given again.
@@ -61,22 +63,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", default=None, metavar="digits|synthetic|PATH",
                    help="default: digits (scikit-learn, offline); or an ImageFolder directory "
                         "(PATH/train + PATH/val, or PATH split 90/10)")
-    g.add_argument("--image-size", type=int, default=None,
+    g.add_argument("--image-size", type=positive_int, default=None,
                    help="default: 32 for digits/synthetic, 224 for an ImageFolder")
-    g.add_argument("--workers", type=int, default=4, help="ImageFolder loader processes")
+    g.add_argument("--workers", type=non_negative_int, default=4, help="ImageFolder loader processes")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=float, default=None,
+    g.add_argument("--epochs", type=positive_float, default=None,
                    help="default: 6 on digits/synthetic, 90 on an ImageFolder")
-    g.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides "
+    g.add_argument("--steps", type=positive_int, default=None, help="total optimizer steps (overrides "
                    "--epochs)")
-    g.add_argument("--batch", type=int, default=None,
+    g.add_argument("--batch", type=training_batch, default=None,
                    help="global batch size, shared by the ranks (default 64)")
-    g.add_argument("--lr", type=float, default=None, help="default: 0.1 x batch / 256")
-    g.add_argument("--momentum", type=float, default=None, help="default 0.9")
-    g.add_argument("--weight-decay", type=float, default=None, help="default 1e-4")
+    g.add_argument("--lr", type=positive_float, default=None, help="default: 0.1 x batch / 256")
+    g.add_argument("--momentum", type=non_negative_float, default=None, help="default 0.9")
+    g.add_argument("--weight-decay", type=non_negative_float, default=None, help="default 1e-4")
     g.add_argument("--schedule", choices=("cosine", "step"), default=None,
                    help="cosine (default) or the paper's step schedule (x0.1 at 50%% and 75%%)")
-    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default 0)")
+    g.add_argument("--warmup", type=non_negative_int, default=None, help="linear warm-up steps (default 0)")
     g.add_argument("--seed", type=int, default=None, help="initialisation, data order and "
                    "augmentation (default 0)")
     g = p.add_argument_group("execution")
@@ -88,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the residual (option A) network of --model's depth on digits, plot "
                         "their training error (fused_resnet/degradation.py)")
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
-    g.add_argument("--backend", default=None, help="fused_resnet backend (auto, cpu, cuda, "
+    g.add_argument("--backend", type=backend_name, default=None, help="fused_resnet backend (auto, cpu, cuda, "
                    "triton, reference)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="autocast (default: on for GPU, off for CPU)")
@@ -99,12 +101,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("fp32", "fp64"), default=None,
                    help="parameter and input dtype (fp64: exact fused-vs-torchvision checks)")
     g.add_argument("--compile", action="store_true", help="torch.compile the models")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads per process")
+    g.add_argument("--threads", type=positive_int, default=None, help="CPU threads per process")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/train", help="output directory (default runs/train)")
     g.add_argument("--name", default=None,
                    help="file name stem (default train_<device>_<model>_<data>)")
-    g.add_argument("--eval-every", type=int, default=None,
+    g.add_argument("--eval-every", type=positive_int, default=None,
                    help="evaluate (and checkpoint) every N steps (default: every epoch)")
     g.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint")
     g.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
@@ -295,12 +297,12 @@ class TrainJob:
     --compare) with their optimizers, the output files; `run()` trains, evaluates,
     checkpoints and reports."""
 
-    def __init__(self, args, rank: int, world: int, device: torch.device):
+    def __init__(self, args, rank: int, world: int, device: torch.device,
+                 ckpt: Optional[dict] = None):
         self.args, self.rank, self.world, self.device = args, rank, world, device
         self.is_main = rank == 0
-        ckpt = None
-        if args.resume:
-            ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+        if args.resume and ckpt is None:
+            ckpt = read_checkpoint(args)
         resolve_arguments(args, ckpt, device)
         if args.backend:
             fused_resnet.set_backend(args.backend)
@@ -507,9 +509,51 @@ class TrainJob:
               + (f", {self.ckpt_path}" if args.save else ""))
 
 
+_CHECKPOINT_KEYS = {"runs", "step", "args", "state_dict"}
+
+
+def read_checkpoint(args) -> dict:
+    """The --resume checkpoint; a usage error (exit 2) when it is missing or is not one
+    that train wrote."""
+    path = args.resume
+    if not os.path.isfile(path):
+        usage_error(args, f"--resume {path!r}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:   # pickle, zip and torch errors alike: not a checkpoint
+        usage_error(args, f"--resume {path!r} is not a checkpoint ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''})")
+    if not (isinstance(ckpt, dict) and _CHECKPOINT_KEYS <= set(ckpt)):
+        usage_error(args, f"--resume {path!r} is not a train checkpoint (expected the "
+                          f"entries {sorted(_CHECKPOINT_KEYS)}; a plain state_dict goes to "
+                          "the zoo: fused_resnet.resnet50(weights=PATH))")
+    return ckpt
+
+
+def check_arguments(args) -> Optional[dict]:
+    """What can be wrong before any work starts, each an argparse-style error (exit 2):
+    the checkpoint to resume (returned), the data directory, the output directory."""
+    if not args.backend:
+        try:   # the process default: FUSED_RESNET_BACKEND, read now rather than mid-run
+            fused_resnet.get_backend()
+        except ValueError as err:
+            usage_error(args, str(err))
+    ckpt = read_checkpoint(args) if args.resume else None
+    data = args.data or ((ckpt or {}).get("args") or {}).get("data")
+    if data not in (None, "", "digits", "synthetic"):
+        problem = image_folder_problem(data)
+        if problem:
+            usage_error(args, f"--data {data!r}: {problem}")
+    problem = unwritable(args.out)
+    if problem:
+        usage_error(args, f"--out {args.out!r}: cannot write there: {problem}")
+    return ckpt
+
+
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "compare_plain", False):  # the degradation experiment instead
         return degradation.run_from_train_args(args)
+    ckpt = check_arguments(args)
     if args.compare and args.model in CIFAR_MODELS:
         print(f"error: torchvision has no {args.model}: --compare needs an ImageNet model",
               file=sys.stderr)
@@ -533,7 +577,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return TrainJob(args, rank, world, device).run()
+        return TrainJob(args, rank, world, device, ckpt).run()
     finally:
         if launched and dist.is_initialized():
             dist.destroy_process_group()
