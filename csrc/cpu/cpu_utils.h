@@ -285,77 +285,31 @@ inline Vectorized<acc_t> relu_mask(const Vectorized<acc_t>& g, const Vectorized<
 #include <ATen/Version.h>
 
 #include <optional>
-#include <sstream>
 #include <string>
+
+#include "../checks.h"
 
 namespace fused_resnet {
 namespace cpu {
 
 using at::Tensor;
 
-inline std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream os;
-  os << s;
-  return os.str();
-}
-
-inline at::ScalarType acc_type_of(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+// The shared checks (csrc/checks.h), for CPU kernels.
+using checks::absent;
+using checks::acc_type_of;
+using checks::check_like;
+using checks::given;
+using checks::required;
+using checks::shape_str;
 
 inline void check_x(const char* op, const Tensor& x, const char* name = "x") {
-  TORCH_CHECK(x.defined(), "fused_resnet::", op, ": expected ", name, " to be a tensor");
-  TORCH_CHECK(x.device().is_cpu(), "fused_resnet::", op, ": expected ", name,
-              " to be a CPU tensor, got a tensor on ", x.device());
-  const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kDouble || t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
-              "fused_resnet::", op, ": expected ", name,
-              " to have dtype float64, float32, bfloat16 or float16, got ", t);
-  TORCH_CHECK(x.dim() >= 2 && x.dim() <= 4, "fused_resnet::", op, ": expected ", name,
-              " to be a 4-D [N, C, H, W] tensor (2-D [N, C] and 3-D [N, C, L] are also "
-              "accepted), got a ", x.dim(), "-D tensor of shape ", shape_str(x.sizes()));
+  checks::check_x(op, x, c10::DeviceType::CPU, name);
 }
 
-// A tensor that must have the shape, dtype and device of x.
-inline void check_like(const char* op, const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.defined(), "fused_resnet::", op, ": expected ", name, " to be a tensor");
-  TORCH_CHECK(t.device().is_cpu(), "fused_resnet::", op, ": expected ", name,
-              " to be a CPU tensor like x, got a tensor on ", t.device());
-  TORCH_CHECK(t.sizes().equals(x.sizes()), "fused_resnet::", op, ": expected ", name,
-              " to have the shape of x ", shape_str(x.sizes()), ", got ",
-              shape_str(t.sizes()));
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fused_resnet::", op, ": expected ", name,
-              " to have the dtype of x (", x.scalar_type(), "), got ", t.scalar_type());
-}
-
-// A per-channel vector: 1-D of size C, CPU, any floating dtype (converted to acc_t, the
-// dtype the kernels read: float64 for float64 x, float32 otherwise). Returns a
-// contiguous acc_t tensor (no copy when it already is one).
+// A per-channel vector of C values on the CPU, as a contiguous acc tensor.
 inline Tensor per_channel(const char* op, const Tensor& v, const char* name, int64_t C,
                           at::ScalarType acc) {
-  TORCH_CHECK(v.defined(), "fused_resnet::", op, ": expected ", name, " to be a tensor");
-  TORCH_CHECK(v.device().is_cpu(), "fused_resnet::", op, ": expected ", name,
-              " to be a CPU tensor, got a tensor on ", v.device());
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == C, "fused_resnet::", op, ": expected ", name,
-              " to be a per-channel vector of shape [", C, "] (C = x.size(1)), got shape ",
-              shape_str(v.sizes()));
-  TORCH_CHECK(at::isFloatingType(v.scalar_type()), "fused_resnet::", op, ": expected ",
-              name, " to have a floating dtype (", acc, " expected), got ", v.scalar_type());
-  return v.to(acc).contiguous();
-}
-
-inline bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
-
-inline const Tensor& required(const char* op, const std::optional<Tensor>& t,
-                              const char* name, const char* because) {
-  TORCH_CHECK(given(t), "fused_resnet::", op, ": ", name, " is required when ", because);
-  return *t;
-}
-
-inline void absent(const char* op, const std::optional<Tensor>& t, const char* name,
-                   const char* unless) {
-  TORCH_CHECK(!given(t), "fused_resnet::", op, ": ", name, " was given but ", unless,
-              " is None: pass both or neither");
+  return checks::per_channel(op, v, name, c10::Device(c10::DeviceType::CPU), C, acc);
 }
 
 inline Geometry geometry(const Tensor& x) {

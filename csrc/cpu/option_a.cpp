@@ -31,6 +31,8 @@
 #include <tuple>
 #include <vector>
 
+#include "../checks.h"
+
 namespace fused_resnet {
 namespace cpu {
 namespace option_a {
@@ -57,36 +59,17 @@ struct Geom {
   Tensor prepare(const Tensor& t) const { return t.contiguous(fmt); }
 };
 
+// The shared checks (csrc/checks.h): x 4-D on the CPU, the rest like x.
 void check_x(const char* op, const Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), "fused_resnet::", op, ": expected ", name, " to be a tensor");
-  TORCH_CHECK(t.device().is_cpu(), "fused_resnet::", op, ": expected ", name,
-              " to be a CPU tensor, got a tensor on ", t.device());
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kDouble || st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
-              "fused_resnet::", op, ": expected ", name,
-              " to have dtype float64, float32, bfloat16 or float16, got ", st);
-  TORCH_CHECK(t.dim() == 4, "fused_resnet::", op, ": expected ", name,
-              " to be a 4-D [N, C, H, W] tensor, got shape ", t.sizes());
+  checks::check_x(op, t, c10::DeviceType::CPU, name, /*four_d=*/true);
 }
 
-void check_like(const char* op, const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.defined() && t.device().is_cpu(), "fused_resnet::", op, ": expected ", name,
-              " to be a CPU tensor");
-  TORCH_CHECK(t.sizes().equals(x.sizes()), "fused_resnet::", op, ": expected ", name,
-              " to have the shape of x ", x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fused_resnet::", op, ": expected ", name,
-              " to have the dtype of x (", x.scalar_type(), "), got ", t.scalar_type());
-}
+using checks::check_like;
 
 // A per-channel vector as a contiguous acc_t tensor of C values.
 Tensor per_channel(const char* op, const Tensor& v, const char* name, const Tensor& x) {
-  const int64_t C = x.size(1);
-  TORCH_CHECK(v.defined() && v.device().is_cpu() && v.dim() == 1 && v.size(0) == C &&
-                  at::isFloatingType(v.scalar_type()),
-              "fused_resnet::", op, ": expected ", name, " to be a floating-point CPU "
-              "per-channel vector of shape [", C, "] (C = x.size(1)), got shape ", v.sizes(),
-              " ", v.scalar_type(), " on ", v.device());
-  return v.to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  return checks::per_channel(op, v, name, x.device(), x.size(1),
+                             checks::acc_type_of(x.scalar_type()));
 }
 
 Geom geometry(const char* op, const Tensor& x, at::IntArrayRef ss, int64_t stride) {

@@ -8,7 +8,7 @@
 //   by-column (channels_last): grid (column tiles, S row splits); threads map along C.
 //   by-row (NCHW): grid (C, S plane splits); a block reduces planes of one channel.
 // bn_backward_apply: one read of each input, one write of grad_x (and grad_shortcut);
-// same persistent row-striding grid as bn_apply (bn_forward.cu).
+// same persistent row-striding grid as bn_apply (bn_apply.cu).
 #include "cuda_utils.cuh"
 #include "cuda_ops.cuh"
 
@@ -423,7 +423,7 @@ struct BwdApplyArgs {
   int gs_mode;    // 0: no grad_shortcut, 1: grad_shortcut = g, 2: from x2
 };
 
-// Same grid as bn_apply_kernel (bn_forward.cu).
+// Same grid as bn_apply_kernel (bn_apply.cu).
 template <typename T, int V, bool BY_COL>
 __global__ void __launch_bounds__(kThreads) bn_backward_apply_kernel(const BwdApplyArgs<T> p) {
   using A = acc_t<T>;

@@ -24,15 +24,7 @@ constexpr int kFinishThreads = 256;
 // A per-channel vector of C elements on `like`'s device, as a contiguous acc vector.
 Tensor vec_of(const char* op, const Tensor& v, const char* name, const Tensor& like,
               int64_t C, at::ScalarType acc) {
-  TORCH_CHECK(v.defined(), "fused_resnet::", op, ": expected ", name, " to be a tensor");
-  TORCH_CHECK(v.device() == like.device(), "fused_resnet::", op, ": expected ", name,
-              " on ", like.device(), ", got a tensor on ", v.device());
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == C, "fused_resnet::", op, ": expected ", name,
-              " to be a per-channel vector of shape [", C, "], got shape ",
-              shape_str(v.sizes()));
-  TORCH_CHECK(at::isFloatingType(v.scalar_type()), "fused_resnet::", op, ": expected ", name,
-              " to have a floating dtype, got ", v.scalar_type());
-  return v.to(acc).contiguous();
+  return checks::per_channel(op, v, name, like.device(), C, acc);
 }
 
 Tensor optional_vec(const char* op, const std::optional<Tensor>& v, const char* name,

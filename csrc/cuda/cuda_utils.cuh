@@ -1,4 +1,4 @@
-// Shared helpers of the fused_resnet CUDA kernels (bn_forward.cu: bn_stats, bn_apply;
+// Shared helpers of the fused_resnet CUDA kernels (bn_stats.cu, bn_apply.cu;
 // bn_backward.cu: bn_backward_reduce, bn_backward_apply). Math and schemas: csrc/ops.cpp.
 //
 // Layout. Every kernel sees x as a row-major matrix of R rows of L contiguous elements
@@ -34,6 +34,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include "../checks.h"
 
 #include <cuda_runtime.h>
 
@@ -156,73 +158,23 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
 
-inline std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream os;
-  os << s;
-  return os.str();
+// The shared checks (csrc/checks.h), for CUDA kernels.
+using checks::absent;
+using checks::acc_type_of;
+using checks::check_like;
+using checks::given;
+using checks::required;
+using checks::shape_str;
+
+inline void check_x(const char* op, const Tensor& x, const char* name = "x",
+                    bool four_d = false) {
+  checks::check_x(op, x, c10::DeviceType::CUDA, name, four_d);
 }
 
-inline at::ScalarType acc_type_of(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-inline bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
-
-inline void check_x(const char* op, const Tensor& x) {
-  TORCH_CHECK(x.defined(), "fused_resnet::", op, ": expected x to be a tensor");
-  TORCH_CHECK(x.is_cuda(), "fused_resnet::", op,
-              ": expected x to be a CUDA tensor (CUDA kernel), got a tensor on ", x.device());
-  const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kDouble || t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
-              "fused_resnet::", op,
-              ": expected x to have dtype float64, float32, bfloat16 or float16, got ", t);
-  TORCH_CHECK(x.dim() >= 2 && x.dim() <= 4, "fused_resnet::", op,
-              ": expected x to be a 4-D [N, C, H, W] tensor (2-D [N, C] and 3-D [N, C, L] are "
-              "also accepted), got a ",
-              x.dim(), "-D tensor of shape ", shape_str(x.sizes()));
-}
-
-inline void check_device(const char* op, const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), "fused_resnet::", op, ": expected ", name,
-              " to be on x's device ", x.device(), " (all tensors on the same CUDA device), got ",
-              t.device());
-}
-
-// A tensor that must have the shape, dtype and device of x.
-inline void check_like(const char* op, const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.defined(), "fused_resnet::", op, ": expected ", name, " to be a tensor");
-  check_device(op, t, name, x);
-  TORCH_CHECK(t.sizes().equals(x.sizes()), "fused_resnet::", op, ": expected ", name,
-              " to have the shape of x ", shape_str(x.sizes()), ", got ", shape_str(t.sizes()));
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fused_resnet::", op, ": expected ", name,
-              " to have the dtype of x (", x.scalar_type(), "), got ", t.scalar_type());
-}
-
-// A per-channel vector: 1-D of size C, floating dtype, on x's device. Returns a
-// contiguous acc_t tensor (no copy when it already is one).
+// A per-channel vector of x.size(1) values on x's device, as a contiguous acc tensor.
 inline Tensor per_channel(const char* op, const Tensor& v, const char* name, const Tensor& x,
                           at::ScalarType acc) {
-  const int64_t C = x.size(1);
-  TORCH_CHECK(v.defined(), "fused_resnet::", op, ": expected ", name, " to be a tensor");
-  check_device(op, v, name, x);
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == C, "fused_resnet::", op, ": expected ", name,
-              " to be a per-channel vector of shape [", C, "] (C = x.size(1)), got shape ",
-              shape_str(v.sizes()));
-  TORCH_CHECK(at::isFloatingType(v.scalar_type()), "fused_resnet::", op, ": expected ", name,
-              " to have a floating dtype (", acc, " preferred), got ", v.scalar_type());
-  return v.to(acc).contiguous();
-}
-
-inline const Tensor& required(const char* op, const std::optional<Tensor>& t, const char* name,
-                              const char* because) {
-  TORCH_CHECK(given(t), "fused_resnet::", op, ": ", name, " is required when ", because);
-  return *t;
-}
-
-inline void absent(const char* op, const std::optional<Tensor>& t, const char* name,
-                   const char* unless) {
-  TORCH_CHECK(!given(t), "fused_resnet::", op, ": ", name, " was given but ", unless,
-              " is None; pass None for both or give both");
+  return checks::per_channel(op, v, name, x.device(), x.size(1), acc);
 }
 
 struct Layout {

@@ -23,6 +23,8 @@
 #include <optional>
 #include <tuple>
 
+#include "../checks.h"
+
 namespace fused_resnet {
 namespace cuda {
 namespace {
@@ -123,14 +125,7 @@ int64_t blocks_for(int64_t numel) {
 }
 
 Dims check_dims(const char* op, const Tensor& x, at::IntArrayRef ss, int64_t stride) {
-  TORCH_CHECK(x.is_cuda(), "fused_resnet::", op, ": expected x to be a CUDA tensor, got ",
-              x.device());
-  const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kDouble || t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
-              "fused_resnet::", op, ": expected x to have dtype float64, float32, bfloat16 "
-              "or float16, got ", t);
-  TORCH_CHECK(x.dim() == 4, "fused_resnet::", op, ": expected x to be a 4-D [N, C, H, W] "
-              "tensor, got shape ", x.sizes());
+  checks::check_x(op, x, c10::DeviceType::CUDA, "x", /*four_d=*/true);
   TORCH_CHECK(stride >= 1, "fused_resnet::", op, ": expected stride >= 1, got ", stride);
   TORCH_CHECK(ss.size() == 4, "fused_resnet::", op, ": expected a 4-D shortcut "
               "[N, C_in, H_in, W_in], got shape ", ss);
@@ -143,10 +138,10 @@ Dims check_dims(const char* op, const Tensor& x, at::IntArrayRef ss, int64_t str
   return d;
 }
 
+// Another tensor of the op: x's device and dtype (and shape, when same_shape).
 void check_same(const char* op, const Tensor& t, const char* name, const Tensor& x,
                 bool same_shape) {
-  TORCH_CHECK(t.device() == x.device(), "fused_resnet::", op, ": expected ", name,
-              " on ", x.device(), ", got ", t.device());
+  checks::check_device(op, t, name, x.device());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fused_resnet::", op, ": expected ", name,
               " to have the dtype of x (", x.scalar_type(), "), got ", t.scalar_type());
   TORCH_CHECK(!same_shape || t.sizes().equals(x.sizes()), "fused_resnet::", op,
@@ -154,12 +149,8 @@ void check_same(const char* op, const Tensor& t, const char* name, const Tensor&
 }
 
 Tensor vec(const char* op, const Tensor& v, const char* name, const Tensor& x) {
-  TORCH_CHECK(v.device() == x.device() && v.dim() == 1 && v.size(0) == x.size(1) &&
-                  at::isFloatingType(v.scalar_type()),
-              "fused_resnet::", op, ": expected ", name, " to be a floating per-channel vector "
-              "of shape [", x.size(1), "] on ", x.device(), ", got shape ", v.sizes(), " on ",
-              v.device());
-  return v.to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  return checks::per_channel(op, v, name, x.device(), x.size(1),
+                             checks::acc_type_of(x.scalar_type()));
 }
 
 bool is_channels_last(const Tensor& x) {
