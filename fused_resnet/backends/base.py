@@ -56,6 +56,9 @@ class Backend:
     of them. Subclasses set `name` and implement the primitives and `unavailable_reason`."""
 
     name = "abstract"
+    # eval BN folded into the convolution (its epilogue adds the bias, residual and ReLU)
+    # rather than applied after it in one pass: worth it only with a fused epilogue
+    folds_eval_bn = False
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """Why this backend cannot run on `device` (None when it can)."""

@@ -121,6 +121,7 @@ class TritonBackend(Backend):
     (the `cuda` backend); fallback_primitives: the one for every other case (reference)."""
 
     name = "triton"
+    folds_eval_bn = True   # conv_bias_act: bias + residual + ReLU in the conv epilogue
 
     def __init__(self, cuda_primitives: Backend, fallback_primitives: Backend):
         self.cuda_primitives = cuda_primitives

@@ -109,20 +109,35 @@ def test_resnet152_float64_matches_torchvision(mode):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_folded_inference_float64_matches_torchvision(name, monkeypatch):
-    """Inference (eval, no grad) runs the BN-folded convolutions, one per conv."""
+    """Inference (eval, no grad) on a backend without fused conv epilogues: each conv is
+    followed by one bn_apply pass (scale / shift of the running statistics, residual,
+    ReLU), nothing is folded; with a gradient wanted through the convs, every conv is
+    folded (conv_bias_act). Both match torchvision."""
     tv, fr = pair(name)
     tv.eval()
     fr.eval()
-    calls = []
+    applies, folds = [], []
+    backend = fused_resnet.backends.get(BEST_CPU_BACKEND)
+    apply = backend.bn_apply
+    monkeypatch.setattr(backend, "bn_apply", lambda *a: applies.append(1) or apply(*a))
     folded_op = fused_resnet.ops.conv_bias_act
     monkeypatch.setattr(fused_resnet.ops, "conv_bias_act",
-                        lambda *a: calls.append(1) or folded_op(*a))
+                        lambda *a: folds.append(1) or folded_op(*a))
     x = torch.randn(3, 3, 48, 48, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in fr.modules())
     with torch.no_grad(), fused_resnet.use_backend(BEST_CPU_BACKEND):
         out = fr(x)
         assert rel_err(out, tv(x)) < 1e-12
-    convs = sum(isinstance(m, torch.nn.Conv2d) for m in fr.modules())
-    assert len(calls) == convs, "eval did not fold every conv"
+    assert len(applies) == convs and not folds, "inference did not run one BN pass per conv"
+    for p in fr.parameters():
+        p.requires_grad_(False)
+    x.requires_grad_()
+    applies.clear()
+    with fused_resnet.use_backend(BEST_CPU_BACKEND):
+        out = fr(x)
+        assert rel_err(out, tv(x)) < 1e-12
+    assert len(folds) == convs and not applies, "eval with an input gradient did not fold"
+    torch.autograd.grad(out.sum(), x)
 
 
 # --- float32: no worse than a small multiple of torchvision's own float32 error ------------
