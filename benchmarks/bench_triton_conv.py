@@ -130,12 +130,12 @@ def compile_only() -> int:
     def fwd(g, cfg, pro, tag):
         N, Cin, H, W, Cout, k, s, p, d, Ho, Wo = g
         ints = dict(H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin, COUT_G=Cout, M=N * Ho * Wo,
-                    KTOT=k * k * Cin, sxn=H * W * Cin, sxh=W * Cin, sxw=Cin,
+                    PART_ROWS=-(-N * Ho * Wo // 16), COUT=Cout, KTOT=k * k * Cin, sxn=H * W * Cin, sxh=W * Cin, sxw=Cin,
                     son=Ho * Wo * Cout, soh=Wo * Cout, sow=Cout, srn=Ho * Wo * Cout,
                     srh=Wo * Cout, srw=Cout, STRIDE_H=s, STRIDE_W=s, PAD_H=p, PAD_W=p,
                     DIL_H=d, DIL_W=d)
         ptrs = {n: bf for n in ("x_ptr", "w_ptr", "out_ptr", "res_ptr")}
-        ptrs.update({n: f32 for n in ("scale_ptr", "shift_ptr", "bias_ptr", "sum_ptr", "sumsq_ptr")})
+        ptrs.update({n: f32 for n in ("scale_ptr", "shift_ptr", "bias_ptr", "part_ptr")})
         build(C._conv_fwd_kernel, ptrs, ints,
               dict(KH=k, KW=k, HAS_PROLOGUE=pro, IN_RELU=pro, HAS_BIAS=not pro, HAS_RES=not pro,
                    OUT_RELU=not pro, STATS=pro, FLAT_K=Cin < 16, DOT_PREC="tf32"), cfg, tag)
