@@ -5,7 +5,7 @@ submodules (nn.Conv2d, nn.BatchNorm2d) as the holders of parameters and buffers,
 state_dict keys, order and shapes are torchvision's, checkpoints move both ways, and
 `convert` only has to swap classes. Only `forward` changes:
 
-training mode (per BN, as eager):          eval mode (BN folded into the convs):
+training mode (per BN, as eager):          eval mode (running stats; nn/folding.py):
   stem  conv_bn_relu -> maxpool              conv_bias_act(relu) -> maxpool
   block z1 = conv(x)                         y1 = conv_bias_act(x, relu)
         z2 = bn_relu_conv(z1)                y2 = conv_bias_act(y1, relu)
